@@ -1,0 +1,93 @@
+"""EngineStatsProbe: vLLM's per-step scheduler stats, readable without HTTP (frontend process).
+
+vLLM's AsyncLLM output handler calls every stat logger with the SchedulerStats that the
+EngineCore sends with each step's outputs (running, waiting, KV cache usage). The probe is a
+StatLoggerBase (interface identical in vLLM 0.23 and 0.32) that keeps the latest numbers and
+step timing for pio's admission and tuning; it never logs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The latest scheduler stats seen from the EngineCore."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    steps_seen: int
+    updated_at: float | None  # monotonic time of the latest report
+    generation_tokens_total: int
+    preempted_total: int  # vLLM's own KV-pressure preemptions
+
+
+class EngineStatsProbe:
+    """Holds the latest EngineStats; `logger_factory` plugs it into AsyncLLM."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._stats = EngineStats(0, 0, 0.0, 0, None, 0, 0)
+        self._listeners: list[Callable[[EngineStats], None]] = []
+
+    def snapshot(self) -> EngineStats:
+        return self._stats
+
+    def add_listener(self, listener: Callable[[EngineStats], None]) -> None:
+        """Call `listener(stats)` after each update (in the event loop, keep it short)."""
+        self._listeners.append(listener)
+
+    def update(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        prev = self._stats
+        gen_tokens = prev.generation_tokens_total
+        preempted = prev.preempted_total
+        if iteration_stats is not None:
+            gen_tokens += int(getattr(iteration_stats, "num_generation_tokens", 0))
+            preempted += int(getattr(iteration_stats, "num_preempted_reqs", 0))
+        if scheduler_stats is None:
+            self._stats = EngineStats(
+                prev.num_running, prev.num_waiting, prev.kv_cache_usage, prev.steps_seen,
+                prev.updated_at, gen_tokens, preempted,
+            )
+            return
+        self._stats = EngineStats(
+            num_running=int(scheduler_stats.num_running_reqs),
+            num_waiting=int(scheduler_stats.num_waiting_reqs)
+            + int(getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)),
+            kv_cache_usage=float(scheduler_stats.kv_cache_usage),
+            steps_seen=prev.steps_seen + 1,
+            updated_at=self._clock(),
+            generation_tokens_total=gen_tokens,
+            preempted_total=preempted,
+        )
+        for listener in self._listeners:
+            listener(self._stats)
+
+    def logger_factory(self) -> Callable[[Any, int], StatLoggerBase]:
+        """A vLLM StatLoggerFactory whose loggers feed this probe."""
+        probe = self
+
+        class _ProbeLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                self.engine_index = engine_index
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                probe.update(scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _ProbeLogger

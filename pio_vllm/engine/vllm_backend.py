@@ -1,0 +1,284 @@
+"""VllmBackend: the one adapter between pio and vLLM's AsyncLLM (frontend process).
+
+It builds the AsyncLLM (EngineCore and CPU worker run in spawned child processes), resolves
+'pio:PRESET' models to locally built checkpoints, validates engine arguments against
+`vllm.AsyncEngineArgs`, converts sampling dicts to `SamplingParams`, and translates vLLM's
+errors into pio's tree. Everything pio needs from vLLM goes through here, so the version
+differences live in one file: read from vLLM 0.32.0 (the supported release) and 0.23.0 (the
+release that fits the GPU machine); `AsyncLLM.generate/abort`, `priority`, stat loggers and
+`RequestOutputKind.DELTA` exist in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pio_vllm.cost.vision_tokens import VisionGeometry
+from pio_vllm.engine.stats_probe import EngineStatsProbe
+from pio_vllm.errors import (
+    ConfigError,
+    EngineDeadError,
+    InvalidRequestError,
+    InvalidSamplingError,
+    PromptTooLongError,
+)
+from pio_vllm.settings import PioSettings
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.23", "0.32")
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
+    return major, minor
+
+
+def resolve_model(settings: PioSettings) -> str:
+    """The model path or id vLLM should load; builds 'pio:PRESET' checkpoints on first use."""
+    preset = settings.local_model_preset()
+    if preset is None:
+        return settings.model
+    from pio_vllm.model_builder import PRESETS, build_model, is_built
+
+    if preset not in PRESETS:
+        raise ConfigError(
+            f"engine.model {settings.model!r} names no local preset; accepted: "
+            f"{['pio:' + p for p in PRESETS]}, a checkpoint path or a hub id"
+        )
+    out = settings.local_model_dir()
+    if not is_built(out):
+        logger.info("building %s checkpoint once into %s", settings.model, out)
+        build_model(out, preset=preset, seed=settings.model_seed)
+    return str(out)
+
+
+def build_engine_args(settings: PioSettings, model_path: str) -> Any:
+    """`vllm.AsyncEngineArgs` from settings.engine; unknown keys raise ConfigError."""
+    from vllm import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(settings.engine) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown vLLM engine argument(s) {unknown}; engine.* takes AsyncEngineArgs fields "
+            "(the `vllm serve` flags in snake_case)"
+        )
+    kwargs = dict(settings.engine)
+    kwargs["model"] = model_path
+    try:
+        return AsyncEngineArgs(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid vLLM engine arguments {kwargs}: {e}") from e
+
+
+def _read_geometry(model_path: str, engine: Mapping[str, Any]) -> VisionGeometry:
+    """Patch/merge sizes and min/max pixels of the model's image processor."""
+    import json
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    vision = getattr(cfg, "vision_config", None)
+    patch = int(getattr(vision, "patch_size", 16))
+    merge = int(getattr(vision, "spatial_merge_size", 2))
+    size: dict[str, int] = {}
+    pre = Path(model_path) / "preprocessor_config.json"
+    if pre.is_file():
+        data = json.loads(pre.read_text())
+        size = dict(data.get("size") or {})
+        if "min_pixels" in data:
+            size["shortest_edge"] = data["min_pixels"]
+        if "max_pixels" in data:
+            size["longest_edge"] = data["max_pixels"]
+    else:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(model_path)
+        size = dict(getattr(proc, "size", {}) or {})
+    mm_kwargs = dict(engine.get("mm_processor_kwargs") or {})
+    override = dict(mm_kwargs.get("size") or {})
+    if "min_pixels" in mm_kwargs:
+        override["shortest_edge"] = mm_kwargs["min_pixels"]
+    if "max_pixels" in mm_kwargs:
+        override["longest_edge"] = mm_kwargs["max_pixels"]
+    size.update(override)
+    default = VisionGeometry()
+    return VisionGeometry(
+        patch_size=patch,
+        merge_size=merge,
+        min_pixels=int(size.get("shortest_edge", default.min_pixels)),
+        max_pixels=int(size.get("longest_edge", default.max_pixels)),
+    )
+
+
+class VllmBackend:
+    """Owns one AsyncLLM. Create with `start()`; stop with `shutdown()`."""
+
+    def __init__(self, llm: Any, settings: PioSettings, model_path: str,
+                 probe: EngineStatsProbe, start_s: float) -> None:
+        self._llm = llm
+        self._settings = settings
+        self.model_path = model_path
+        self.probe = probe
+        self.start_s = start_s
+        self.version = vllm_version()
+        model_config = llm.model_config
+        self.max_model_len: int = int(model_config.max_model_len)
+        mm_config = model_config.multimodal_config
+        self.max_images_engine: int = (
+            int(mm_config.get_limit_per_prompt("image")) if mm_config is not None else 0
+        )
+        self.scheduling_policy: str = str(llm.vllm_config.scheduler_config.policy)
+        self.geometry = _read_geometry(model_path, settings.engine)
+        self.tokenizer = self._get_tokenizer()
+        self.image_token_id: int | None = getattr(
+            model_config.hf_config, "image_token_id", None
+        )
+
+    @classmethod
+    def start(cls, settings: PioSettings) -> VllmBackend:
+        """Build the model if needed and start vLLM's engine (blocks; ~30-60 s on CPU)."""
+        major_minor = vllm_version()
+        if f"{major_minor[0]}.{major_minor[1]}" not in SUPPORTED_VLLM:
+            logger.warning(
+                "vLLM %d.%d is not a tested release (tested: %s)", *major_minor, SUPPORTED_VLLM
+            )
+        for key, value in settings.vllm_env.items():
+            # vLLM reads its environment in the spawned EngineCore and worker processes,
+            # which inherit ours: set before they start.
+            os.environ[key] = str(value)
+        model_path = resolve_model(settings)
+        args = build_engine_args(settings, model_path)
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        probe = EngineStatsProbe()
+        t0 = time.perf_counter()
+        try:
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[probe.logger_factory()])
+        except Exception as e:
+            raise ConfigError(f"vLLM engine failed to start for model {model_path!r}: {e}") from e
+        start_s = time.perf_counter() - t0
+        logger.info("vLLM engine started in %.1fs (model %s)", start_s, model_path)
+        return cls(llm, settings, model_path, probe, start_s)
+
+    def _get_tokenizer(self) -> Any:
+        tok = getattr(self._llm, "tokenizer", None)
+        if tok is None:
+            raise ConfigError(
+                "vLLM engine has no tokenizer (skip_tokenizer_init?); pio renders chat prompts "
+                "with the model's tokenizer and needs it"
+            )
+        return tok
+
+    @property
+    def llm(self) -> Any:
+        """The AsyncLLM (for adapters such as the OpenAI server); do not call its internals."""
+        return self._llm
+
+    # -- requests -----------------------------------------------------------------------
+
+    def sampling_params(self, sampling: Mapping[str, Any]) -> Any:
+        """vLLM SamplingParams (DELTA outputs) from a dict of its fields."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        merged = {**self._settings.sampling_defaults, **dict(sampling)}
+        max_tokens = merged.get("max_tokens")
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0
+        ):
+            raise InvalidSamplingError(
+                f"max_tokens={max_tokens!r} is invalid; accepted: an integer >= 1"
+            )
+        known = {f for f in SamplingParams.__struct_fields__} if hasattr(
+            SamplingParams, "__struct_fields__") else set()
+        unknown = sorted(k for k in merged if known and k not in known)
+        if unknown or "output_kind" in merged or merged.get("n", 1) != 1:
+            bad = unknown or ["output_kind" if "output_kind" in merged else "n"]
+            raise InvalidSamplingError(
+                f"sampling field(s) {bad} are not accepted; give vLLM SamplingParams fields "
+                "other than output_kind, with n=1"
+            )
+        try:
+            return SamplingParams(**merged, output_kind=RequestOutputKind.DELTA)
+        except (TypeError, ValueError) as e:
+            raise InvalidSamplingError(f"invalid sampling parameters {merged}: {e}") from e
+
+    def count_prompt_tokens(self, text: str) -> int:
+        """Text tokens of a rendered prompt (each image placeholder counts once)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def check_prompt_len(self, prompt_tokens: int) -> None:
+        if prompt_tokens >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt is {prompt_tokens} tokens (text plus vision tokens); the model's "
+                f"max_model_len is {self.max_model_len} and at least one output token must fit",
+                prompt_tokens=prompt_tokens,
+                max_model_len=self.max_model_len,
+            )
+
+    async def generate(
+        self, prompt: Mapping[str, Any], params: Any, request_id: str, priority: int
+    ) -> AsyncIterator[Any]:
+        """vLLM's output stream for one request, with vLLM errors translated."""
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        try:
+            async for out in self._llm.generate(
+                dict(prompt), params, request_id, priority=priority
+            ):
+                yield out
+        except VllmEngineDead as e:
+            raise EngineDeadError(f"vLLM engine died while serving {request_id}: {e}") from e
+        except Exception as e:
+            translated = self._translate(e, request_id)
+            if translated is None:
+                raise
+            raise translated from e
+
+    def _translate(self, e: Exception, request_id: str) -> Exception | None:
+        try:
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:  # vLLM 0.23 raises ValueError for invalid requests
+            VLLMValidationError = ValueError  # noqa: N806
+        cause = e.__cause__ if type(e).__name__ == "EngineGenerateError" else e
+        if isinstance(cause, VLLMValidationError | ValueError):
+            message = str(cause)
+            if "longer than the maximum model length" in message:
+                return PromptTooLongError(
+                    f"request {request_id}: {message}", prompt_tokens=-1,
+                    max_model_len=self.max_model_len,
+                )
+            return InvalidRequestError(f"request {request_id} rejected by vLLM: {message}")
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def num_unfinished(self) -> int:
+        """Requests vLLM's frontend still tracks (waiting or running in the engine)."""
+        return int(self._llm.get_num_unfinished_requests())
+
+    @property
+    def errored(self) -> bool:
+        return bool(self._llm.errored)
+
+    async def check_health(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        try:
+            await self._llm.check_health()
+        except VllmEngineDead as e:
+            raise EngineDeadError(f"vLLM engine is dead: {e}") from e
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

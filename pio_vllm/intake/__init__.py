@@ -1,0 +1,1 @@
+"""Multimodal intake (frontend process): images and prompts turned into vLLM inputs."""

@@ -1,0 +1,255 @@
+"""PioSettings: the one settings object (built at the edge, in the frontend process).
+
+Sources, highest precedence first: explicit keyword overrides, `PIO_*` environment variables
+(nested with `__`, e.g. `PIO_IMAGES__MAX_IMAGE_PIXELS=1000000`,
+`PIO_ENGINE__MAX_NUM_SEQS=4`), the YAML config file, the defaults below. The config file is
+the `config_path` argument of `PioSettings.load`, else `$PIO_CONFIG`, else none.
+
+`engine` holds vLLM's own engine arguments (the fields of `vllm.AsyncEngineArgs`, the same
+names as `vllm serve` flags with `_` for `-`), passed to vLLM verbatim; pio never re-declares
+them. This module is the only one that reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from pio_vllm.errors import ConfigError
+
+# The model spec that names a locally built checkpoint: "pio:tiny", "pio:qwen3-vl-2b".
+LOCAL_MODEL_PREFIX = "pio:"
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("pio_config_file", default=None)
+
+
+class PriorityClass(BaseModel):
+    """One priority class. `level` follows vLLM: a lower number is served first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: int = Field(description="vLLM priority level; lower is served first.")
+    max_queue_len: int = Field(
+        default=256, gt=0, description="Most requests of this class waiting in pio at once."
+    )
+    max_queue_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Default deadline for waiting in pio's queue (None: wait until served).",
+    )
+    weight: float = Field(
+        default=1.0, gt=0, description="Share of admissions when classes compete under aging."
+    )
+
+
+def _default_classes() -> dict[str, PriorityClass]:
+    return {
+        "interactive": PriorityClass(level=0, max_queue_len=64, weight=4.0),
+        "standard": PriorityClass(level=1, max_queue_len=256, weight=2.0),
+        "batch": PriorityClass(level=2, max_queue_len=1024, weight=1.0),
+    }
+
+
+class ImageSettings(BaseModel):
+    """Limits and workers of image intake (decode, fetch, cache)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_images_per_request: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most images per request; None uses the engine's limit_mm_per_prompt.image.",
+    )
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024, gt=0, description="Largest encoded image accepted, in bytes."
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        gt=0,
+        description="Largest width*height accepted; checked from the header before decoding, "
+        "so decompression bombs are refused without allocating their pixels.",
+    )
+    resize_max_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Downscale (aspect kept) images above this many pixels before vLLM sees "
+        "them; None leaves sizing to the model's processor (its own max_pixels).",
+    )
+    decode_workers: int = Field(
+        default=2, gt=0, description="Threads decoding and resizing images, off the event loop."
+    )
+    decode_max_pending: int = Field(
+        default=256, gt=0, description="Most image jobs waiting for a decode thread; more is shed."
+    )
+    cache_max_entries: int = Field(
+        default=256, ge=0, description="Decoded images kept by content hash (0 disables)."
+    )
+    cache_max_mb: float = Field(
+        default=512.0, ge=0, description="Bound on decoded pixel bytes held by the cache, MiB."
+    )
+    fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Total time allowed for one http(s) image fetch."
+    )
+    allow_local_files: bool = Field(
+        default=True, description="Accept file paths as image sources (the server turns it off)."
+    )
+    allowed_local_dirs: list[Path] | None = Field(
+        default=None, description="If set, local image paths must lie under one of these dirs."
+    )
+    allowed_url_domains: list[str] | None = Field(
+        default=None,
+        description="If set, http(s) images may only come from these hosts (or subdomains).",
+    )
+
+
+class PioSettings(BaseSettings):
+    """All pio-vllm settings. Build with `PioSettings.load(...)`; pass the object down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIO_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    engine: dict[str, Any] = Field(
+        default_factory=lambda: {"model": "pio:tiny"},
+        description="vLLM engine arguments (AsyncEngineArgs fields), passed through verbatim. "
+        "model 'pio:PRESET' names a checkpoint that pio builds locally.",
+    )
+    vllm_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables set for vLLM before the engine starts, e.g. "
+        "VLLM_CPU_KVCACHE_SPACE (GiB of KV cache on CPU).",
+    )
+    model_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "pio-vllm" / "models",
+        description="Where 'pio:PRESET' checkpoints are built once and reused.",
+    )
+    model_seed: int = Field(default=0, description="Seed of locally built checkpoints.")
+    priority_classes: dict[str, PriorityClass] = Field(
+        default_factory=_default_classes,
+        description="Priority classes by name; a request names a class or gives a level.",
+    )
+    default_priority_class: str = Field(
+        default="standard", description="Class of requests that give no priority."
+    )
+    sampling_defaults: dict[str, Any] = Field(
+        default_factory=lambda: {"max_tokens": 64},
+        description="vLLM SamplingParams fields applied where a request does not set them.",
+    )
+    images: ImageSettings = Field(default_factory=ImageSettings, description="Image intake.")
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time allowed for vLLM's engine processes to stop."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Environment values arrive as strings ("4", "true", "[1, 2]"): decode JSON scalars
+        # and lists so vLLM receives typed values; anything else stays a string.
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
+                raise ValueError(
+                    f"engine argument {key!r} is not a vLLM AsyncEngineArgs field name "
+                    "(use snake_case, e.g. max_num_seqs for --max-num-seqs)"
+                )
+            if isinstance(item, str):
+                try:
+                    item = json.loads(item)
+                except ValueError:
+                    pass
+            out[key] = item
+        if "model" not in out or not out["model"]:
+            raise ValueError("engine.model is required: a path, a hub id or 'pio:tiny'")
+        return out
+
+    @model_validator(mode="after")
+    def _default_class_exists(self) -> PioSettings:
+        if not self.priority_classes:
+            raise ValueError("priority_classes is empty; define at least one class")
+        if self.default_priority_class not in self.priority_classes:
+            raise ValueError(
+                f"default_priority_class {self.default_priority_class!r} is not one of the "
+                f"priority_classes {sorted(self.priority_classes)}"
+            )
+        return self
+
+    @classmethod
+    def load(cls, config_path: str | Path | None = None, **overrides: Any) -> PioSettings:
+        """Build settings from a YAML file, `PIO_*` variables and keyword overrides.
+
+        Raises ConfigError naming the file and each invalid field.
+        """
+        if config_path is None and os.environ.get("PIO_CONFIG"):
+            config_path = os.environ["PIO_CONFIG"]
+        path = Path(config_path) if config_path is not None else None
+        if path is not None and not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            with _config_file(path):
+                return cls(**overrides)
+        except ConfigError:
+            raise
+        except Exception as e:  # pydantic ValidationError, YAML errors
+            where = f" (config {path})" if path else ""
+            raise ConfigError(f"invalid pio settings{where}: {e}") from e
+
+    # Helpers the engine uses; they read settings only.
+
+    @property
+    def model(self) -> str:
+        """The engine's model spec as configured (may be 'pio:PRESET')."""
+        return str(self.engine["model"])
+
+    def local_model_preset(self) -> str | None:
+        """The preset name when the model is 'pio:PRESET', else None."""
+        if self.model.startswith(LOCAL_MODEL_PREFIX):
+            return self.model[len(LOCAL_MODEL_PREFIX):]
+        return None
+
+    def local_model_dir(self) -> Path:
+        """Cache directory of the 'pio:PRESET' checkpoint for this seed."""
+        preset = self.local_model_preset()
+        if preset is None:
+            raise ConfigError(f"model {self.model!r} is not a 'pio:PRESET' spec")
+        return self.model_cache_dir / f"{preset}-seed{self.model_seed}"
+
+
+@contextmanager
+def _config_file(path: Path | None) -> Iterator[None]:
+    token = _CONFIG_FILE.set(path)
+    try:
+        yield
+    finally:
+        _CONFIG_FILE.reset(token)
