@@ -145,6 +145,10 @@ class PioEngine:
 
     async def start(self) -> None:
         """Start vLLM (blocks the loop while the engine processes start, ~30-60 s on CPU)."""
+        self.start_blocking()
+
+    def start_blocking(self) -> None:
+        """Start vLLM from synchronous code; vLLM's output loop starts on the first request."""
         if self._backend is not None:
             return
         if self._closed:

@@ -35,6 +35,16 @@ logger = logging.getLogger(__name__)
 SUPPORTED_VLLM = ("0.23", "0.32")
 
 
+def _validation_errors() -> tuple[type[Exception], ...]:
+    """Exception types vLLM raises for an invalid request (0.23: ValueError; 0.32 adds
+    VLLMValidationError, which is not a ValueError)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, VLLMValidationError)
+
+
 def vllm_version() -> tuple[int, int]:
     import vllm
 
@@ -210,7 +220,7 @@ class VllmBackend:
             )
         try:
             return SamplingParams(**merged, output_kind=RequestOutputKind.DELTA)
-        except (TypeError, ValueError) as e:
+        except _validation_errors() as e:
             raise InvalidSamplingError(f"invalid sampling parameters {merged}: {e}") from e
 
     def count_prompt_tokens(self, text: str) -> int:
@@ -246,12 +256,8 @@ class VllmBackend:
             raise translated from e
 
     def _translate(self, e: Exception, request_id: str) -> Exception | None:
-        try:
-            from vllm.exceptions import VLLMValidationError
-        except ImportError:  # vLLM 0.23 raises ValueError for invalid requests
-            VLLMValidationError = ValueError  # noqa: N806
         cause = e.__cause__ if type(e).__name__ == "EngineGenerateError" else e
-        if isinstance(cause, VLLMValidationError | ValueError):
+        if isinstance(cause, _validation_errors()):
             message = str(cause)
             if "longer than the maximum model length" in message:
                 return PromptTooLongError(

@@ -220,7 +220,7 @@ class ImageLoader:
             )
         if not data:
             raise ImageDecodeError("image is empty (0 bytes)", index)
-        key = await self._run(_hash_bytes, data, index) if len(data) > 65536 else _hash_bytes(data)
+        key = await self._run(_hash_bytes, data) if len(data) > 65536 else _hash_bytes(data)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
@@ -267,7 +267,11 @@ class ImageLoader:
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLargeError(f"decompression bomb refused: {e}", index) from e
+            raise ImageTooLargeError(
+                f"decompression bomb refused: {e}; max_image_pixels is "
+                f"{self._settings.max_image_pixels}",
+                index,
+            ) from e
         except UnidentifiedImageError as e:
             raise ImageDecodeError(
                 f"cannot identify image format of {len(data)} bytes (starts {data[:8]!r}); "

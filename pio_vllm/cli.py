@@ -1,0 +1,110 @@
+"""The `pio-vllm` command line (the edge: it builds settings and hands them down).
+
+    pio-vllm demo [--config FILE] [--model PATH_OR_ID] [--requests N] [--max-tokens N]
+    pio-vllm make-model DIR [--preset tiny|qwen3-vl-2b] [--seed N] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny-cpu.yaml"
+
+
+def default_config_path() -> Path:
+    """configs/tiny-cpu.yaml of the working directory, else of the source checkout."""
+    local = Path("configs") / DEFAULT_CONFIG
+    return local if local.is_file() else REPO_CONFIGS / DEFAULT_CONFIG
+
+
+def _quiet_vllm(verbose: bool) -> None:
+    # vLLM configures its loggers when first imported and its child processes inherit the
+    # environment, so this must run before any vLLM import.
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from pio_vllm.model_builder import build_model
+
+    logging.getLogger("pio_vllm").setLevel(logging.INFO)
+    print(f"building {args.preset} Qwen3-VL checkpoint in {args.dir} ...", flush=True)
+    info = build_model(args.dir, preset=args.preset, seed=args.seed, device=args.device,
+                       overwrite=args.overwrite)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _load_settings(args: argparse.Namespace, **extra: Any) -> Any:
+    from pio_vllm.settings import PioSettings
+
+    config = args.config or default_config_path()
+    settings = PioSettings.load(config, **extra)
+    if getattr(args, "model", None):
+        settings = settings.model_copy(update={"engine": {**settings.engine, "model": args.model}})
+    return settings
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pio_vllm.demo import run_demo
+
+    settings = _load_settings(args)
+    return asyncio.run(run_demo(settings, args.requests, args.max_tokens))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pio-vllm",
+        description="Priority-aware serving of Qwen3-VL on vLLM.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's INFO logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a mixed image/text batch and print a table")
+    demo.add_argument("--config", type=Path, default=None,
+                      help=f"settings YAML (default: configs/{DEFAULT_CONFIG})")
+    demo.add_argument("--model", default=None,
+                      help="Qwen3-VL checkpoint path, hub id or pio:PRESET (overrides config)")
+    demo.add_argument("--requests", type=int, default=12, help="number of requests")
+    demo.add_argument("--max-tokens", type=int, default=24, help="output tokens per request")
+    demo.set_defaults(func=_cmd_demo)
+
+    make = sub.add_parser("make-model", help="write a random-weight Qwen3-VL checkpoint")
+    make.add_argument("dir", type=Path, help="output directory")
+    make.add_argument("--preset", default="tiny", choices=["tiny", "qwen3-vl-2b"])
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--device", default="cpu", help="torch device to initialise weights on")
+    make.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    make.set_defaults(func=_cmd_make_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_vllm(args.verbose)
+    from pio_vllm.errors import PioError
+
+    try:
+        code: int = args.func(args)
+    except PioError as e:
+        print(f"pio-vllm: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
