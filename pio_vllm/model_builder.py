@@ -57,12 +57,15 @@ CHAT_TEMPLATE = (
 )
 
 _CORPUS_WORDS = (
-    "the a an image picture photo shows show cat dog bird red blue green yellow black white "
-    "describe what is in this of on with and or sky tree car person house street noise pixels "
-    "colour color texture random pattern briefly please caption small large bright dark left "
-    "right top bottom centre center there are two three many one stripe square circle line "
-    "background foreground light shadow water grass road building window door table chair"
-).split()
+    "the", "a", "an", "image", "picture", "photo", "shows", "show", "cat", "dog", "bird",
+    "red", "blue", "green", "yellow", "black", "white", "describe", "what", "is", "in",
+    "this", "of", "on", "with", "and", "or", "sky", "tree", "car", "person", "house",
+    "street", "noise", "pixels", "colour", "color", "texture", "random", "pattern",
+    "briefly", "please", "caption", "small", "large", "bright", "dark", "left", "right",
+    "top", "bottom", "centre", "center", "there", "are", "two", "three", "many", "one",
+    "stripe", "square", "circle", "line", "background", "foreground", "light", "shadow",
+    "water", "grass", "road", "building", "window", "door", "table", "chair",
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
-def _train_tokenizer(out_dir: Path, seed: int) -> tuple[dict[str, int], int]:
+def _train_tokenizer(out_dir: Path, seed: int) -> tuple[dict[str, Any], int]:
     """Train a small byte-level BPE with the Qwen special tokens; save it in HF format."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -62,7 +62,7 @@ class Qwen3VLModel:
             if isinstance(image, list | tuple):
                 all_images.extend(image)
             else:
-                all_images.append(image)
+                all_images.append(image)  # type: ignore[arg-type]
         all_images.extend(images or ())
         params = dict(sampling or {})
         if max_tokens is not None:

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -185,10 +185,8 @@ class PioSettings(BaseSettings):
                     "(use snake_case, e.g. max_num_seqs for --max-num-seqs)"
                 )
             if isinstance(item, str):
-                try:
+                with suppress(ValueError):
                     item = json.loads(item)
-                except ValueError:
-                    pass
             out[key] = item
         if "model" not in out or not out["model"]:
             raise ValueError("engine.model is required: a path, a hub id or 'pio:tiny'")

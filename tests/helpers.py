@@ -9,7 +9,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -95,10 +95,8 @@ def serve_bytes(body: bytes, content_type: str = "image/png") -> Route:
 def serve_slow(delay_s: float) -> Route:
     def route(h: BaseHTTPRequestHandler) -> None:
         time.sleep(delay_s)
-        try:
+        with suppress(OSError):
             serve_bytes(b"late")(h)
-        except OSError:
-            pass
 
     return route
 

@@ -229,8 +229,8 @@ class PioEngine:
                     "or an integer level"
                 )
             return classes[priority].level, priority
-        name = next((n for n, c in classes.items() if c.level == priority), None)
-        return priority, name
+        found = next((n for n, c in classes.items() if c.level == priority), None)
+        return priority, found
 
     def _class_list(self) -> str:
         items = sorted(self._settings.priority_classes.items(), key=lambda kv: kv[1].level)
@@ -293,10 +293,13 @@ class PioEngine:
         """
         rid = request.resolved_id()
         if rid in self._active:
-            raise InvalidRequestError(f"request_id {rid!r} is already in flight; ids must be unique")
+            raise InvalidRequestError(
+                f"request_id {rid!r} is already in flight; ids must be unique"
+            )
         tracker = _Tracker(rid, arrival_wall=time.time(), arrival_at=self._clock())
         self._active[rid] = tracker
-        outcome, error = RequestOutcome.FAILED, None
+        outcome = RequestOutcome.FAILED
+        error: BaseException | None = None
         try:
             prepared = await self._prepare_within_deadline(request, rid)
             tracker.priority, tracker.priority_class = prepared.priority, prepared.priority_class

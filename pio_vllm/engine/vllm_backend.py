@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +238,7 @@ class VllmBackend:
 
     async def generate(
         self, prompt: Mapping[str, Any], params: Any, request_id: str, priority: int
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """vLLM's output stream for one request, with vLLM errors translated."""
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import logging
@@ -235,7 +236,7 @@ class ImageLoader:
             # that started it does not fail other requests waiting on the same bytes.
             task = asyncio.ensure_future(self._run(self._decode, data, key, index))
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._decode_done(k, t))
+            task.add_done_callback(functools.partial(self._decode_done, key))
         return await asyncio.shield(task)
 
     def _decode_done(self, key: str, task: asyncio.Future[LoadedImage]) -> None:
