@@ -127,6 +127,7 @@ class RequestResult:
     metadata: Mapping[str, Any]
     timings: RequestTimings
     error: BaseException | None = None
+    preemptions: int = 0  # times pio preempted it to serve higher-priority work
 
     @property
     def output_tokens(self) -> int:

@@ -116,6 +116,49 @@ class ImageSettings(BaseModel):
     )
 
 
+class AdmissionSettings(BaseModel):
+    """pio's priority admission in front of vLLM (queues, aging, shedding, preemption)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=True,
+        description="Queue requests in pio and admit them by priority; off sends every "
+        "request straight to vLLM (its own priority queue still applies).",
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most requests admitted into vLLM at once; None uses engine max_num_seqs, "
+        "so vLLM's running set is the admission window and its waiting queue stays empty.",
+    )
+    kv_high_watermark: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="Stop admitting while vLLM's KV cache usage is at or above this fraction.",
+    )
+    aging_s_per_level: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds of waiting (at class weight 1) that improve a request's "
+        "effective priority by one level, so lower classes never starve.",
+    )
+    preemption: bool = Field(
+        default=True,
+        description="Preempt running lower-class requests when a higher-class one waits and "
+        "the window is full; the preempted request resumes from its tokens so far.",
+    )
+    max_preemptions: int = Field(
+        default=2, ge=0, description="Most times one request may be preempted."
+    )
+    rate_window: int = Field(
+        default=64,
+        ge=2,
+        description="Recent completions used to measure the service rate for deadline checks.",
+    )
+
+
 class PioSettings(BaseSettings):
     """All pio-vllm settings. Build with `PioSettings.load(...)`; pass the object down."""
 
@@ -153,6 +196,9 @@ class PioSettings(BaseSettings):
         description="vLLM SamplingParams fields applied where a request does not set them.",
     )
     images: ImageSettings = Field(default_factory=ImageSettings, description="Image intake.")
+    admission: AdmissionSettings = Field(
+        default_factory=AdmissionSettings, description="Priority admission control."
+    )
     shutdown_timeout_s: float = Field(
         default=10.0, gt=0, description="Time allowed for vLLM's engine processes to stop."
     )

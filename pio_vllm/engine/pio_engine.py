@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -23,6 +24,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pio_vllm.admission.controller import (
+    AdmissionController,
+    AdmissionStats,
+    Release,
+    Ticket,
+)
 from pio_vllm.cost.vision_tokens import vision_tokens
 from pio_vllm.engine.stats_probe import EngineStats
 from pio_vllm.engine.vllm_backend import VllmBackend
@@ -85,6 +92,10 @@ class _Tracker:
     vision_tokens: int = 0
     images: tuple[ImageInfo, ...] = ()
     expired: bool = False
+    preempted: bool = False  # the current vLLM attempt ended by preemption
+    preemptions: int = 0
+    vllm_id: str = ""
+    ticket: Ticket | None = None
 
     def timings(self) -> RequestTimings:
         return RequestTimings(
@@ -108,18 +119,28 @@ class EngineSnapshot:
     engine: EngineStats
     image_cache: ImageCacheStats
     engine_start_s: float
+    admission: AdmissionStats | None
 
 
 class PioEngine:
     """Priority-aware async engine for Qwen3-VL over vLLM. Use as an async context manager."""
 
     def __init__(
-        self, settings: PioSettings, *, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: PioSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        registry: Any | None = None,
     ) -> None:
+        """`registry`: a prometheus_client registry for pio's metrics (None: a private one)."""
+        from prometheus_client import CollectorRegistry
+
         self._settings = settings
         self._clock = clock
+        self._registry = registry if registry is not None else CollectorRegistry()
         self._backend: VllmBackend | None = None
         self._images: ImageLoader | None = None
+        self._admission: AdmissionController | None = None
         self._active: dict[str, _Tracker] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._counts = {o: 0 for o in RequestOutcome}
@@ -153,8 +174,18 @@ class PioEngine:
             return
         if self._closed:
             raise EngineNotRunningError("this PioEngine was shut down; create a new one")
-        self._backend = VllmBackend.start(self._settings)
+        self._backend = backend = VllmBackend.start(self._settings)
         self._images = ImageLoader(self._settings.images)
+        admission = self._settings.admission
+        if admission.enabled:
+            window = admission.max_in_flight or backend.max_num_seqs
+            self._admission = AdmissionController(
+                admission, self._settings.priority_classes,
+                self._settings.default_priority_class, window,
+                clock=self._clock, registry=self._registry,
+            )
+            controller = self._admission
+            backend.probe.add_listener(lambda st: controller.update_kv_usage(st.kv_cache_usage))
         levels = {c.level for c in self._settings.priority_classes.values()}
         if self._backend.scheduling_policy != "priority" and len(levels) > 1:
             logger.warning(
@@ -168,6 +199,8 @@ class PioEngine:
         if self._closed:
             return
         self._closed = True
+        if self._admission is not None:
+            self._admission.close()
         backend, self._backend = self._backend, None
         if backend is not None:
             for rid in list(self._active):
@@ -207,7 +240,18 @@ class PioEngine:
             engine=backend.probe.snapshot(),
             image_cache=self._images.stats(),
             engine_start_s=backend.start_s,
+            admission=self._admission.stats() if self._admission is not None else None,
         )
+
+    @property
+    def admission(self) -> AdmissionController | None:
+        """The admission controller (None when admission is disabled)."""
+        return self._admission
+
+    @property
+    def registry(self) -> Any:
+        """The prometheus_client registry holding pio's metrics."""
+        return self._registry
 
     # -- requests -----------------------------------------------------------------------
 
@@ -306,7 +350,7 @@ class PioEngine:
             tracker.prompt_tokens, tracker.vision_tokens = (
                 prepared.prompt_tokens, prepared.vision_tokens)
             tracker.images = prepared.image_infos
-            async for out in self._run(prepared, tracker, request):
+            async for out in self._serve(prepared, tracker, request):
                 yield out
             outcome = RequestOutcome.FINISHED
         except (asyncio.CancelledError, GeneratorExit):
@@ -340,28 +384,88 @@ class PioEngine:
                 f"request {rid}: deadline passed during intake (images, prompt)"
             ) from e
 
-    async def _run(
+    async def _serve(
+        self, prepared: PreparedRequest, tracker: _Tracker, request: PioRequest
+    ) -> AsyncIterator[PioOutput]:
+        """Admission, then vLLM attempts until the request ends; a preempted attempt is
+        resumed from the prompt plus the tokens the caller already has."""
+        admission = self._admission
+        ticket: Ticket | None = None
+        release = Release.FAILED
+        timer = self._arm_deadline(prepared, tracker)
+        try:
+            if admission is not None:
+                ticket = admission.ticket(prepared.request_id, prepared.priority,
+                                          prepared.priority_class, prepared.deadline_at)
+                ticket.preempt_hook = functools.partial(self._preempt, tracker)
+                tracker.ticket = ticket
+                await admission.admit(ticket)
+            while True:
+                async for out in self._attempt(prepared, tracker, request):
+                    yield out
+                if not tracker.preempted:
+                    release = Release.COMPLETED
+                    return
+                # Preempted: give the slot back, wait for a new one, resume.
+                assert admission is not None and ticket is not None
+                tracker.preempted = False
+                tracker.preemptions += 1
+                admission.release(ticket, Release.PREEMPTED)
+                await admission.admit(ticket, requeue=True)
+        except (asyncio.CancelledError, GeneratorExit):
+            release = Release.CANCELLED
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if admission is not None and ticket is not None:
+                admission.release(ticket, release)
+
+    def _preempt(self, tracker: _Tracker) -> None:
+        """Admission's hook: abort the current vLLM attempt; `_attempt` sees it end."""
+        self._spawn(self.backend.abort(tracker.vllm_id), f"pio-preempt-{tracker.vllm_id}")
+
+    async def _attempt(
         self, prepared: PreparedRequest, tracker: _Tracker, request: PioRequest
     ) -> AsyncIterator[PioOutput]:
         backend = self.backend
         rid = prepared.request_id
-        prompt: dict[str, Any] = {"prompt_token_ids": prepared.prompt_token_ids}
+        done_tokens = len(tracker.token_ids)
+        prompt: dict[str, Any] = {
+            "prompt_token_ids": prepared.prompt_token_ids + tracker.token_ids
+        }
         if prepared.images:
             prompt["multi_modal_data"] = {"image": [img.image for img in prepared.images]}
-        timer = self._arm_deadline(prepared, tracker)
-        tracker.submitted_at = self._clock()
-        finished_cleanly = False
+        params = prepared.sampling_params
+        decode: Callable[[int], str] | None = None
+        if done_tokens:
+            params = backend.resume_params(params, done_tokens)
+            decode = backend.resume_decoder(
+                prepared.prompt_token_ids, tracker.token_ids, prepared.sampling_params)
+        # A fresh vLLM id per attempt: the aborted one may still be draining in EngineCore.
+        tracker.vllm_id = rid if tracker.preemptions == 0 else f"{rid}#resume{tracker.preemptions}"
+        ticket = tracker.ticket
+        if tracker.submitted_at is None:
+            tracker.submitted_at = self._clock()
+        ended = False
         try:
-            stream = backend.generate(prompt, prepared.sampling_params, rid, prepared.priority)
+            stream = backend.generate(prompt, params, tracker.vllm_id, prepared.priority)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     completion = out.outputs[0] if out.outputs else None
                     new_ids = tuple(completion.token_ids) if completion is not None else ()
                     delta = completion.text if completion is not None else ""
+                    if decode is not None:
+                        delta = "".join(decode(t) for t in new_ids)
                     if new_ids and tracker.first_token_at is None:
                         tracker.first_token_at = self._clock()
+                        if ticket is not None and self._admission is not None:
+                            self._admission.observe_ttft(
+                                ticket, tracker.first_token_at - tracker.arrival_at)
                     tracker.token_ids.extend(new_ids)
                     tracker.text.append(delta)
+                    if ticket is not None:
+                        ticket.output_tokens = len(tracker.token_ids)
                     if not out.finished:
                         if new_ids or delta:
                             yield PioOutput(rid, delta, new_ids, finished=False)
@@ -372,9 +476,14 @@ class PioEngine:
                             f"request {rid}: deadline passed after {len(tracker.token_ids)} "
                             "output tokens; aborted in vLLM"
                         )
+                    ended = True
+                    if reason == "abort" and ticket is not None and ticket.preempt_requested:
+                        tracker.preempted = True
+                        if new_ids or delta:
+                            yield PioOutput(rid, delta, new_ids, finished=False)
+                        return
                     tracker.finish_reason = reason
                     tracker.finished_at = self._clock()
-                    finished_cleanly = True
                     result = self._result(tracker, request, RequestOutcome.FINISHED, None)
                     yield PioOutput(rid, delta, new_ids, True, reason, result)
                     return
@@ -382,12 +491,10 @@ class PioEngine:
                 raise DeadlineExceededError(f"request {rid}: deadline passed; aborted in vLLM")
             raise EngineDeadError(f"request {rid}: vLLM's stream ended without a final output")
         finally:
-            if timer is not None:
-                timer.cancel()
-            if not finished_cleanly:
+            if not ended:
                 # Cancellation, deadline or error: make sure vLLM drops the request.
                 with contextlib.suppress(Exception):
-                    await backend.abort(rid)
+                    await backend.abort(tracker.vllm_id)
 
     def _arm_deadline(self, prepared: PreparedRequest, tracker: _Tracker) -> Any:
         if prepared.deadline_at is None:
@@ -397,7 +504,8 @@ class PioEngine:
 
         def expire() -> None:
             tracker.expired = True
-            self._spawn(self.backend.abort(prepared.request_id), f"pio-expire-{tracker.request_id}")
+            if tracker.submitted_at is not None:
+                self._spawn(self.backend.abort(tracker.vllm_id), f"pio-expire-{tracker.vllm_id}")
 
         return loop.call_later(delay, expire)
 
@@ -422,6 +530,7 @@ class PioEngine:
             metadata=dict(request.metadata),
             timings=tracker.timings(),
             error=error,
+            preemptions=tracker.preemptions,
         )
 
     async def _call_back(self, request: PioRequest, result: RequestResult) -> None:

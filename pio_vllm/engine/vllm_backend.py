@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,7 @@ class VllmBackend:
             int(mm_config.get_limit_per_prompt("image")) if mm_config is not None else 0
         )
         self.scheduling_policy: str = str(llm.vllm_config.scheduler_config.policy)
+        self.max_num_seqs: int = int(llm.vllm_config.scheduler_config.max_num_seqs)
         self.geometry = _read_geometry(model_path, settings.engine)
         self.tokenizer = self._get_tokenizer()
         self.image_token_id: int | None = getattr(
@@ -222,6 +223,62 @@ class VllmBackend:
             return SamplingParams(**merged, output_kind=RequestOutputKind.DELTA)
         except _validation_errors() as e:
             raise InvalidSamplingError(f"invalid sampling parameters {merged}: {e}") from e
+
+    def resume_params(self, params: Any, done_tokens: int) -> Any:
+        """SamplingParams for resuming after `done_tokens` outputs (a preempted request):
+        the remaining max_tokens / min_tokens. Greedy decoding resumes token for token;
+        a seeded random sampler restarts its stream."""
+        resumed = params.clone()
+        if params.max_tokens is not None:
+            resumed.max_tokens = max(1, params.max_tokens - done_tokens)
+        if getattr(params, "min_tokens", 0):
+            resumed.min_tokens = max(0, params.min_tokens - done_tokens)
+        return resumed
+
+    def resume_decoder(
+        self, prompt_ids: list[int], generated_ids: list[int], params: Any
+    ) -> Callable[[int], str]:
+        """Text decoder for a resumed request that continues exactly where vLLM's stopped.
+
+        vLLM primes its incremental detokenizer (tokenizers' DecodeStream, vLLM 0.32
+        `FastIncrementalDetokenizer`) with the prompt. For a resumed request the prompt ends
+        with generated tokens, and when those end inside a multi-byte character the primed
+        stream emits part of the prompt as text. This decoder replays the original state:
+        primed with the original prompt, stepped through the tokens already streamed; each
+        new token then yields the same text an unpreempted run would have.
+        """
+        from tokenizers.decoders import DecodeStream
+
+        raw = getattr(self.tokenizer, "_tokenizer", None)
+        skip = bool(getattr(params, "skip_special_tokens", True))
+        if raw is None:  # a slow tokenizer: decode the whole output and diff
+            done = self.tokenizer.decode(generated_ids, skip_special_tokens=skip)
+            seen, emitted = list(generated_ids), [done]
+
+            def diff_step(token_id: int) -> str:
+                seen.append(token_id)
+                text = self.tokenizer.decode(seen, skip_special_tokens=skip)
+                delta = text[len(emitted[0]):] if text.startswith(emitted[0]) else ""
+                emitted[0] = text
+                return str(delta)
+
+            return diff_step
+        try:
+            stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=skip)
+        except TypeError:  # older tokenizers: no native prefill, prime by stepping
+            stream = DecodeStream(skip_special_tokens=skip)
+            for tid in prompt_ids:
+                stream.step(raw, tid)
+
+        def step(token_id: int) -> str:
+            try:
+                return stream.step(raw, token_id) or ""
+            except (OverflowError, TypeError):  # as vLLM's _protected_step
+                return ""
+
+        for tid in generated_ids:
+            step(tid)
+        return step
 
     def count_prompt_tokens(self, text: str) -> int:
         """Text tokens of a rendered prompt (each image placeholder counts once)."""

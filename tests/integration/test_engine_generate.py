@@ -34,7 +34,7 @@ from tests.helpers import (
     serve_slow,
 )
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.engine]
+pytestmark = [pytest.mark.engine]
 
 GREEDY_16 = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 

@@ -9,7 +9,7 @@ from pio_vllm.plugin import create_qwen3_vl_2b_instruct_plugin
 from pio_vllm.request import RequestOutcome
 from tests.helpers import TINY_CONFIG, assert_vllm_idle, noise_image
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 async def test_plugin_single_and_batch_requests() -> None:

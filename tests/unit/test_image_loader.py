@@ -28,8 +28,6 @@ from tests.helpers import (
     serve_slow,
 )
 
-pytestmark = pytest.mark.asyncio
-
 
 def loader(**kwargs: object) -> ImageLoader:
     return ImageLoader(ImageSettings(**kwargs))  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Priority admission in front of vLLM (frontend process): policy, controller, metrics."""

@@ -1,0 +1,144 @@
+"""Per-class admission metrics: counters, gauges, histograms (frontend process, pure Python).
+
+Each priority class gets: queued and running gauges; admitted, completed, failed, cancelled,
+shed, expired and preempted counters; queue-wait and TTFT histograms. `snapshot()` returns
+frozen stats with p50/p99 over recent samples; `PrometheusExporter` mirrors the same numbers
+into a prometheus_client registry (names prefixed `pio_`, beside vLLM's `vllm:` metrics).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+# Buckets for queue wait and TTFT (seconds): ~1 engine step on a GPU up to a minute.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Event(enum.Enum):
+    """Counted admission events."""
+
+    ADMITTED = "admitted"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SHED = "shed"
+    EXPIRED = "expired"
+    PREEMPTED = "preempted"
+
+
+def _percentile(samples: deque[float], q: float) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    """One class's numbers at a point in time (counters are totals since start)."""
+
+    queued: int
+    running: int
+    admitted: int
+    completed: int
+    failed: int
+    cancelled: int
+    shed: int
+    expired: int
+    preempted: int
+    queue_wait_p50_s: float | None
+    queue_wait_p99_s: float | None
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+
+
+@dataclass
+class _ClassCounters:
+    queued: int = 0
+    running: int = 0
+    events: dict[Event, int] = field(default_factory=lambda: {e: 0 for e in Event})
+    queue_wait_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+
+class PrometheusExporter:
+    """Prometheus collectors for the admission metrics, in `registry`."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.events = Counter(
+            "pio_admission_events", "Admission events per priority class",
+            ["priority_class", "event"], registry=registry)
+        self.queued = Gauge(
+            "pio_queued_requests", "Requests waiting in pio's queue", ["priority_class"],
+            registry=registry)
+        self.running = Gauge(
+            "pio_running_requests", "Requests admitted into vLLM", ["priority_class"],
+            registry=registry)
+        self.queue_wait = Histogram(
+            "pio_queue_wait_seconds", "Time from arrival to admission into vLLM",
+            ["priority_class"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.ttft = Histogram(
+            "pio_time_to_first_token_seconds", "Time from arrival to the first output token",
+            ["priority_class"], buckets=LATENCY_BUCKETS_S, registry=registry)
+
+
+class AdmissionMetrics:
+    """Per-class counters; optionally exported to Prometheus."""
+
+    def __init__(self, class_names: list[str], registry: Any | None = None) -> None:
+        self._classes: dict[str, _ClassCounters] = {n: _ClassCounters() for n in class_names}
+        self._prom = PrometheusExporter(registry) if registry is not None else None
+
+    def _get(self, cls: str) -> _ClassCounters:
+        if cls not in self._classes:
+            self._classes[cls] = _ClassCounters()
+        return self._classes[cls]
+
+    def count(self, cls: str, event: Event) -> None:
+        self._get(cls).events[event] += 1
+        if self._prom is not None:
+            self._prom.events.labels(cls, event.value).inc()
+
+    def add_queued(self, cls: str, delta: int) -> None:
+        c = self._get(cls)
+        c.queued += delta
+        if self._prom is not None:
+            self._prom.queued.labels(cls).set(c.queued)
+
+    def add_running(self, cls: str, delta: int) -> None:
+        c = self._get(cls)
+        c.running += delta
+        if self._prom is not None:
+            self._prom.running.labels(cls).set(c.running)
+
+    def observe_queue_wait(self, cls: str, seconds: float) -> None:
+        self._get(cls).queue_wait_s.append(seconds)
+        if self._prom is not None:
+            self._prom.queue_wait.labels(cls).observe(seconds)
+
+    def observe_ttft(self, cls: str, seconds: float) -> None:
+        self._get(cls).ttft_s.append(seconds)
+        if self._prom is not None:
+            self._prom.ttft.labels(cls).observe(seconds)
+
+    def snapshot(self) -> dict[str, ClassStats]:
+        out = {}
+        for name, c in self._classes.items():
+            e = c.events
+            out[name] = ClassStats(
+                queued=c.queued, running=c.running,
+                admitted=e[Event.ADMITTED], completed=e[Event.COMPLETED],
+                failed=e[Event.FAILED], cancelled=e[Event.CANCELLED], shed=e[Event.SHED],
+                expired=e[Event.EXPIRED], preempted=e[Event.PREEMPTED],
+                queue_wait_p50_s=_percentile(c.queue_wait_s, 50),
+                queue_wait_p99_s=_percentile(c.queue_wait_s, 99),
+                ttft_p50_s=_percentile(c.ttft_s, 50),
+                ttft_p99_s=_percentile(c.ttft_s, 99),
+            )
+        return out
