@@ -2,8 +2,9 @@
 
     python -m benchmarks.priority_inversion [--config configs/tiny-cpu.yaml] [--repeats 1]
 
-48 batch-class requests of 256 output tokens arrive at t=0 (the engine's max_num_seqs run,
-the rest wait), 8 interactive requests of 16 tokens arrive at t=1 s. Plain vLLM (priority
+32 batch-class requests of 1024 output tokens arrive over the first 2 s (the engine's
+max_num_seqs run, the rest wait), then 8 interactive requests of 16 tokens arrive one every
+0.5 s from t=3 s. Plain vLLM (priority
 scheduling, same engine arguments) orders its waiting queue but never preempts running
 work, so interactive requests wait for a running request to finish; pio preempts the
 least-progressed batch requests and resumes them later. Each side runs in a fresh process,
@@ -31,16 +32,21 @@ WORDS = ("the", "red", "car", "blue", "sky", "cat", "dog", "tree", "house", "str
          "water", "road", "window")
 
 
-def workload(seed: int = 0, n_low: int = 48, low_tokens: int = 256, n_high: int = 8,
-             high_tokens: int = 16, high_at_s: float = 1.0) -> list[BenchRequest]:
+def workload(seed: int = 0, n_low: int = 32, low_tokens: int = 1024, low_spread_s: float = 2.0,
+             n_high: int = 8, high_tokens: int = 16, high_start_s: float = 3.0,
+             high_every_s: float = 0.5) -> list[BenchRequest]:
+    """Low-priority requests arrive spread over `low_spread_s` (so running ones are at
+    different points of their outputs, as in a real flood); high-priority ones arrive one
+    every `high_every_s` from `high_start_s`, each meeting the flood at a different moment."""
     rng = random.Random(seed)
 
     def text() -> str:
         return "tell me about " + " ".join(rng.choice(WORDS) for _ in range(12))
 
-    low = [BenchRequest(f"low-{i}", "batch", 2, text(), low_tokens, 0.0) for i in range(n_low)]
-    high = [BenchRequest(f"high-{i}", "interactive", 0, text(), high_tokens, high_at_s)
-            for i in range(n_high)]
+    low = [BenchRequest(f"low-{i}", "batch", 2, text(), low_tokens,
+                        round(rng.uniform(0.0, low_spread_s), 3)) for i in range(n_low)]
+    high = [BenchRequest(f"high-{i}", "interactive", 0, text(), high_tokens,
+                         high_start_s + i * high_every_s) for i in range(n_high)]
     return low + high
 
 
@@ -95,8 +101,8 @@ def main() -> None:
                 side.pop("rows", None)
             runs.append({"plain": plain, "pio": pio, "ratios": compare(plain, pio)})
     result = {"scenario": "priority-inversion", "config": a.config, "seed": a.seed,
-              "workload": {"low": "48 x batch, 256 tokens, t=0",
-                           "high": "8 x interactive, 16 tokens, t=1s"},
+              "workload": {"low": "32 x batch, 1024 tokens, arrivals over 0-2 s",
+                           "high": "8 x interactive, 16 tokens, one every 0.5 s from 3 s"},
               "environment": environment(a.config), "runs": runs}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
