@@ -203,9 +203,9 @@ class PioEngine:
             self._admission.close()
         backend, self._backend = self._backend, None
         if backend is not None:
-            for rid in list(self._active):
+            for tracker in list(self._active.values()):
                 with contextlib.suppress(Exception):
-                    await backend.abort(rid)
+                    await backend.abort(tracker.vllm_id or tracker.request_id)
         if self._background:
             await asyncio.wait(list(self._background), timeout=self._settings.shutdown_timeout_s)
         if self._images is not None:

@@ -329,7 +329,9 @@ class VllmBackend:
 
     def num_unfinished(self) -> int:
         """Requests vLLM's frontend still tracks (waiting or running in the engine)."""
-        return int(self._llm.get_num_unfinished_requests())
+        # AsyncLLM.get_num_unfinished_requests is 0.32-only; its output processor has the
+        # same count in 0.23 and 0.32.
+        return int(self._llm.output_processor.get_num_unfinished_requests())
 
     @property
     def errored(self) -> bool:
