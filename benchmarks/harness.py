@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pio_vllm.admission.metrics import percentile
+
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -33,14 +35,6 @@ class BenchRequest:
     text: str
     max_tokens: int
     arrival_s: float  # offset from the start of the run
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[idx]
 
 
 def summarise(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +30,11 @@ class Event(enum.Enum):
     PREEMPTED = "preempted"
 
 
-def _percentile(samples: deque[float], q: float) -> float | None:
-    if not samples:
-        return None
+def percentile(samples: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (nearest rank) of `samples`, or None when there are none."""
     ordered = sorted(samples)
+    if not ordered:
+        return None
     idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[idx]
 
@@ -136,9 +138,9 @@ class AdmissionMetrics:
                 admitted=e[Event.ADMITTED], completed=e[Event.COMPLETED],
                 failed=e[Event.FAILED], cancelled=e[Event.CANCELLED], shed=e[Event.SHED],
                 expired=e[Event.EXPIRED], preempted=e[Event.PREEMPTED],
-                queue_wait_p50_s=_percentile(c.queue_wait_s, 50),
-                queue_wait_p99_s=_percentile(c.queue_wait_s, 99),
-                ttft_p50_s=_percentile(c.ttft_s, 50),
-                ttft_p99_s=_percentile(c.ttft_s, 99),
+                queue_wait_p50_s=percentile(c.queue_wait_s, 50),
+                queue_wait_p99_s=percentile(c.queue_wait_s, 99),
+                ttft_p50_s=percentile(c.ttft_s, 50),
+                ttft_p99_s=percentile(c.ttft_s, 99),
             )
         return out
