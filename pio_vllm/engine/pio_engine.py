@@ -280,13 +280,19 @@ class PioEngine:
         items = sorted(self._settings.priority_classes.items(), key=lambda kv: kv[1].level)
         return ", ".join(f"{n} (level {c.level})" for n, c in items)
 
-    async def prepare(self, request: PioRequest, request_id: str) -> PreparedRequest:
-        """Validate `request`, render its prompt and load its images (no vLLM call)."""
+    async def prepare(
+        self, request: PioRequest, request_id: str, deadline_at: float | None = None
+    ) -> PreparedRequest:
+        """Validate `request`, render its prompt and load its images (no vLLM call).
+
+        `deadline_at` (monotonic) is the request's deadline if the caller already computed
+        it; otherwise it is derived from `request.deadline` / `timeout_s`."""
         backend = self.backend
         assert self._images is not None
         level, class_name = self.resolve_priority(request.priority)
         params = backend.sampling_params(request.sampling)
-        deadline_at = self._deadline_at(request)
+        if deadline_at is None:
+            deadline_at = self._deadline_at(request)
         limit = self._settings.images.max_images_per_request
         max_images = backend.max_images_engine if limit is None else min(
             limit, backend.max_images_engine)
@@ -375,10 +381,10 @@ class PioEngine:
     async def _prepare_within_deadline(self, request: PioRequest, rid: str) -> PreparedRequest:
         deadline = self._deadline_at(request)
         if deadline is None:
-            return await self.prepare(request, rid)
+            return await self.prepare(request, rid, None)
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock())):
-                return await self.prepare(request, rid)
+                return await self.prepare(request, rid, deadline)
         except TimeoutError as e:
             raise DeadlineExceededError(
                 f"request {rid}: deadline passed during intake (images, prompt)"
