@@ -1,6 +1,7 @@
 """The `pio-vllm` command line (the edge: it builds settings and hands them down).
 
     pio-vllm demo [--config FILE] [--model PATH_OR_ID] [--requests N] [--max-tokens N]
+    pio-vllm serve [--config FILE] [vllm serve flags ...]
     pio-vllm make-model DIR [--preset tiny|qwen3-vl-2b] [--seed N] [--overwrite]
 """
 
@@ -64,6 +65,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, args.requests, args.max_tokens))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pio_vllm.server.launcher import main as serve_main
+
+    return serve_main(args.rest, str(default_config_path()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pio-vllm",
@@ -81,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=24, help="output tokens per request")
     demo.set_defaults(func=_cmd_demo)
 
+    serve = sub.add_parser(
+        "serve", add_help=False,
+        help="OpenAI-compatible server (vLLM's) with pio in the request path; "
+        "`pio-vllm serve --help` lists vLLM's flags",
+    )
+    serve.add_argument("rest", nargs=argparse.REMAINDER,
+                       help="--config FILE (pio settings) and any `vllm serve` flag")
+    serve.set_defaults(func=_cmd_serve)
+
     make = sub.add_parser("make-model", help="write a random-weight Qwen3-VL checkpoint")
     make.add_argument("dir", type=Path, help="output directory")
     make.add_argument("--preset", default="tiny", choices=["tiny", "qwen3-vl-2b"])
@@ -92,8 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_vllm(args.verbose)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    head = [a for a in argv if a not in ("-v", "--verbose")]
+    if head[:1] == ["serve"]:
+        # vLLM's flags start with "--"; argparse's REMAINDER would not collect them.
+        parser = build_parser()
+        args = argparse.Namespace(verbose=True, command="serve", func=_cmd_serve,
+                                  rest=head[1:])
+        del parser
+    else:
+        args = build_parser().parse_args(argv)
+    _quiet_vllm(args.verbose or args.command == "serve")  # a server shows vLLM's logs
     from pio_vllm.errors import PioError
 
     try:

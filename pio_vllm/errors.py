@@ -17,6 +17,8 @@ Every error pio raises to a caller is one of these. The tree::
     │   │       ├── ImageDecodeError        bytes are not a readable image
     │   │       ├── ImageTooLargeError      over the byte or pixel limit (decompression bombs)
     │   │       └── TooManyImagesError
+    │   ├── UnauthorizedError       missing or unknown API key (HTTP 401)
+    │   │   └── PriorityNotAllowedError  a class above the API key's (HTTP 403)
     │   ├── RequestRejectedError    shed by admission (HTTP 429, retry_after_s)
     │   └── DeadlineExceededError   the request's deadline passed (HTTP 504)
     └── EngineError                 the engine cannot serve (HTTP 503)
@@ -97,6 +99,14 @@ class ImageTooLargeError(ImageError):
 
 class TooManyImagesError(ImageError):
     """More images than the per-request limit."""
+
+
+class UnauthorizedError(RequestError):
+    """The server needs an API key and the request has none or an unknown one."""
+
+
+class PriorityNotAllowedError(UnauthorizedError):
+    """The request names a higher class than its API key allows."""
 
 
 class RequestRejectedError(RequestError):

@@ -21,7 +21,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -159,6 +166,47 @@ class AdmissionSettings(BaseModel):
     )
 
 
+class ApiKey(BaseModel):
+    """One client key of the OpenAI server: who it is and which class it gets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: SecretStr = Field(description="The bearer token (`Authorization: Bearer KEY`).")
+    tenant: str = Field(description="Who holds the key; shows in logs and metrics labels.")
+    priority_class: str | None = Field(
+        default=None,
+        description="Class of this key's requests when the request names none (None: the "
+        "default class); the key may name lower-priority classes, not higher ones (403).",
+    )
+
+
+class ServerSettings(BaseModel):
+    """`pio-vllm serve`: pio's part of the OpenAI-compatible server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[ApiKey] | None = Field(
+        default=None,
+        description="If set, every /v1 request needs one of these keys (else 401, and it "
+        "never reaches the engine).",
+    )
+    priority_header: str = Field(
+        default="X-Priority", description="Header naming a request's class or level."
+    )
+    timeout_header: str = Field(
+        default="X-Request-Timeout-S",
+        description="Header with a request's deadline in seconds from arrival (504 after).",
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Largest request body accepted (413)."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM: time running requests get to finish before they are aborted.",
+    )
+
+
 class PioSettings(BaseSettings):
     """All pio-vllm settings. Build with `PioSettings.load(...)`; pass the object down."""
 
@@ -201,6 +249,9 @@ class PioSettings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(
         default=10.0, gt=0, description="Time allowed for vLLM's engine processes to stop."
+    )
+    server: ServerSettings = Field(
+        default_factory=ServerSettings, description="The OpenAI-compatible server."
     )
 
     @classmethod
@@ -247,6 +298,13 @@ class PioSettings(BaseSettings):
                 f"default_priority_class {self.default_priority_class!r} is not one of the "
                 f"priority_classes {sorted(self.priority_classes)}"
             )
+        for i, api_key in enumerate(self.server.api_keys or []):
+            if api_key.priority_class is not None and (
+                    api_key.priority_class not in self.priority_classes):
+                raise ValueError(
+                    f"server.api_keys[{i}] (tenant {api_key.tenant!r}) names priority_class "
+                    f"{api_key.priority_class!r}; accepted: {sorted(self.priority_classes)}"
+                )
         return self
 
     @classmethod

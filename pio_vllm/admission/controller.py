@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 class TicketState(enum.Enum):
     NEW = "new"
+    RESERVED = "reserved"  # passed the shed check, holds a queue place, not yet waiting
     QUEUED = "queued"
     ADMITTED = "admitted"
     DONE = "done"
@@ -116,6 +117,7 @@ class AdmissionController:
         self._keys = itertools.count()
         self._waiting: dict[int, Ticket] = {}
         self._queued_per_class: dict[str, int] = {}
+        self._reserved: dict[int, Ticket] = {}
         self._admitted: dict[int, Ticket] = {}
         self._preempting: set[int] = set()
         self._kv_usage = 0.0
@@ -151,17 +153,44 @@ class AdmissionController:
 
     # -- admission ----------------------------------------------------------------------
 
+    def reserve(self, ticket: Ticket) -> None:
+        """Decide now whether `ticket` would be shed, and if not hold its queue place.
+
+        For callers that must answer before costly work (the server answers 429 before it
+        starts a response or touches images). The place counts toward the class queue
+        length until `admit(ticket)` takes it over or `cancel_reservation(ticket)` frees it.
+        """
+        self._check_open()
+        self._shed_check(ticket, self._clock())
+        ticket.state = TicketState.RESERVED
+        self._reserved[ticket.key] = ticket
+        self._queued_per_class[ticket.class_name] = (
+            self._queued_per_class.get(ticket.class_name, 0) + 1)
+
+    def cancel_reservation(self, ticket: Ticket) -> None:
+        """Free a reserved place that will not be used (idempotent)."""
+        if self._reserved.pop(ticket.key, None) is None:
+            return
+        self._dec_class(ticket.class_name)
+        ticket.state = TicketState.DONE
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineNotRunningError("admission is closed: the engine is shutting down")
+
     async def admit(self, ticket: Ticket, *, requeue: bool = False) -> None:
         """Wait until `ticket` may run in vLLM.
 
-        A new ticket may be refused at once (RequestRejectedError); a requeued (preempted)
-        one never is: it was accepted already. Raises DeadlineExceededError if its queue
-        deadline passes first. Cancellation removes it from the queue.
+        A new ticket may be refused at once (RequestRejectedError), unless `reserve` already
+        accepted it; a requeued (preempted) one never is: it was accepted already. Raises
+        DeadlineExceededError if its queue deadline passes first. Cancellation removes it
+        from the queue.
         """
-        if self._closed:
-            raise EngineNotRunningError("admission is closed: the engine is shutting down")
+        accepted = requeue or ticket.state is TicketState.RESERVED
+        self.cancel_reservation(ticket)  # admit takes the reserved place over
+        self._check_open()
         now = self._clock()
-        if not requeue:
+        if not accepted:
             self._shed_check(ticket, now)
         ticket.state = TicketState.QUEUED
         ticket.preempt_requested = False
@@ -206,8 +235,14 @@ class AdmissionController:
             1 for w in self._waiting.values()
             if self._policy.effective_level(self._view(w), now) <= ticket.level
         )
+        # Waiting and reserved requests first fill the free slots (those of other classes
+        # first, conservatively); what is left of this class's is its queue.
+        pending_class = self._queued_per_class.get(ticket.class_name, 0)
+        pending_other = len(self._waiting) + len(self._reserved) - pending_class
+        free = max(0, self._window - len(self._admitted))
+        queue_len = max(0, pending_class - max(0, free - pending_other))
         decision = shed_decision(
-            queue_len=self._queued_per_class.get(ticket.class_name, 0),
+            queue_len=queue_len,
             max_queue_len=limits.max_queue_len,
             ahead=ahead,
             free_slots=max(0, self._window - len(self._admitted)),
@@ -220,9 +255,8 @@ class AdmissionController:
         reason, retry_after_s = decision
         ticket.state = TicketState.DONE
         self.metrics.count(ticket.class_name, Event.SHED)
-        queued = self._queued_per_class.get(ticket.class_name, 0)
         detail = (
-            f"class {ticket.class_name!r} queue is full ({queued}/{limits.max_queue_len})"
+            f"class {ticket.class_name!r} queue is full ({queue_len}/{limits.max_queue_len})"
             if reason.value == "queue_full"
             else f"its deadline cannot be met: {ahead} requests are ahead at "
             f"{self._rate.rate(now) or 0:.2f} completions/s"
@@ -333,10 +367,13 @@ class AdmissionController:
 
     def _unqueue(self, ticket: Ticket) -> None:
         if self._waiting.pop(ticket.key, None) is not None:
-            self._queued_per_class[ticket.class_name] -= 1
-            if not self._queued_per_class[ticket.class_name]:
-                del self._queued_per_class[ticket.class_name]
+            self._dec_class(ticket.class_name)
             self.metrics.add_queued(ticket.class_name, -1)
+
+    def _dec_class(self, class_name: str) -> None:
+        self._queued_per_class[class_name] -= 1
+        if not self._queued_per_class[class_name]:
+            del self._queued_per_class[class_name]
 
     # -- inspection ---------------------------------------------------------------------
 
@@ -361,12 +398,14 @@ class AdmissionController:
     def held_state(self) -> dict[str, int]:
         """Per-request state still held (all zero when idle: the leak check)."""
         return {"waiting": len(self._waiting), "admitted": len(self._admitted),
-                "preempting": len(self._preempting),
+                "preempting": len(self._preempting), "reserved": len(self._reserved),
                 "class_queues": sum(self._queued_per_class.values())}
 
     def close(self) -> None:
         """Refuse new tickets and fail the queued ones."""
         self._closed = True
+        for ticket in list(self._reserved.values()):
+            self.cancel_reservation(ticket)
         for ticket in list(self._waiting.values()):
             self._unqueue(ticket)
             ticket.state = TicketState.DONE

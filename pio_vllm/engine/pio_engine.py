@@ -73,6 +73,29 @@ class PreparedRequest:
     deadline_at: float | None  # monotonic
 
 
+@dataclass(frozen=True)
+class _Submission:
+    """What goes to vLLM for one request, whichever front end built it."""
+
+    request_id: str
+    prompt: dict[str, Any]  # vLLM prompt: prompt_token_ids plus images or processed inputs
+    sampling_params: Any  # DELTA outputs
+    priority: int
+    deadline_at: float | None  # monotonic
+    preemptible: bool  # resuming from prompt + streamed tokens reproduces the output
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra AsyncLLM.generate args
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One vLLM output of a request, with the text pio decoded for it."""
+
+    output: Any  # vllm RequestOutput (DELTA)
+    new_ids: tuple[int, ...]
+    delta: str
+    final: bool  # the request finished (a preempted attempt's last step is not final)
+
+
 @dataclass
 class _Tracker:
     """Mutable state of one request while it runs."""
@@ -96,6 +119,7 @@ class _Tracker:
     preemptions: int = 0
     vllm_id: str = ""
     ticket: Ticket | None = None
+    abort_error: PioError | None = None  # set when pio itself aborts it (shutdown)
 
     def timings(self) -> RequestTimings:
         return RequestTimings(
@@ -120,6 +144,29 @@ class EngineSnapshot:
     image_cache: ImageCacheStats
     engine_start_s: float
     admission: AdmissionStats | None
+
+
+def _stitch(out: Any, step: _Step, tracker: _Tracker, kind: Any,
+            engine_input: dict[str, Any]) -> Any | None:
+    """Rewrite a DELTA output of a (possibly resumed) attempt as the caller's request would
+    have produced it in its `output_kind`; None when that kind emits nothing for this step.
+    Reads vLLM's RequestOutput / CompletionOutput fields (0.23 and 0.32)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    if kind == RequestOutputKind.FINAL_ONLY and not step.final:
+        return None
+    out.request_id = tracker.request_id
+    out.prompt_token_ids = engine_input["prompt_token_ids"]
+    out.prompt = engine_input.get("prompt")
+    completion = out.outputs[0]
+    if kind == RequestOutputKind.DELTA:
+        completion.text, completion.token_ids = step.delta, list(step.new_ids)
+    else:
+        completion.text, completion.token_ids = "".join(tracker.text), list(tracker.token_ids)
+    if not step.final:  # a preempted attempt's abort is not the request's end
+        out.finished = False
+        completion.finish_reason = completion.stop_reason = None
+    return out
 
 
 class PioEngine:
@@ -168,13 +215,15 @@ class PioEngine:
         """Start vLLM (blocks the loop while the engine processes start, ~30-60 s on CPU)."""
         self.start_blocking()
 
-    def start_blocking(self) -> None:
-        """Start vLLM from synchronous code; vLLM's output loop starts on the first request."""
+    def start_blocking(self, usage_context: Any | None = None) -> None:
+        """Start vLLM from synchronous code; vLLM's output loop starts on the first request.
+
+        `usage_context`: vLLM's UsageContext (the server passes OPENAI_API_SERVER)."""
         if self._backend is not None:
             return
         if self._closed:
             raise EngineNotRunningError("this PioEngine was shut down; create a new one")
-        self._backend = backend = VllmBackend.start(self._settings)
+        self._backend = backend = VllmBackend.start(self._settings, usage_context)
         self._images = ImageLoader(self._settings.images)
         admission = self._settings.admission
         if admission.enabled:
@@ -242,6 +291,33 @@ class PioEngine:
             engine_start_s=backend.start_s,
             admission=self._admission.stats() if self._admission is not None else None,
         )
+
+    @property
+    def closed(self) -> bool:
+        """True once shutdown() has begun."""
+        return self._closed
+
+    def active_requests(self) -> int:
+        """Requests pio holds (queued in admission or running in vLLM)."""
+        return len(self._active)
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        """Abort requests by pio id (their current vLLM attempt) or by vLLM id."""
+        backend = self.backend
+        for rid in request_ids:
+            tracker = self._active.get(rid)
+            await backend.abort(tracker.vllm_id or rid if tracker is not None else rid)
+
+    async def abort_all(self, reason: str) -> None:
+        """Fail every request pio holds with EngineNotRunningError(`reason`): queued ones
+        leave the queue, running ones are aborted in vLLM. New requests are refused."""
+        if self._admission is not None:
+            self._admission.close()
+        backend = self.backend
+        for tracker in list(self._active.values()):
+            tracker.abort_error = EngineNotRunningError(f"request {tracker.request_id}: {reason}")
+            if tracker.submitted_at is not None:
+                await backend.abort(tracker.vllm_id or tracker.request_id)
 
     @property
     def admission(self) -> AdmissionController | None:
@@ -356,8 +432,13 @@ class PioEngine:
             tracker.prompt_tokens, tracker.vision_tokens = (
                 prepared.prompt_tokens, prepared.vision_tokens)
             tracker.images = prepared.image_infos
-            async for out in self._serve(prepared, tracker, request):
-                yield out
+            async for step in self._serve(self._submission(prepared), tracker):
+                if not step.final:
+                    yield PioOutput(rid, step.delta, step.new_ids, finished=False)
+                    continue
+                result = self._result(tracker, request, RequestOutcome.FINISHED, None)
+                yield PioOutput(rid, step.delta, step.new_ids, True, tracker.finish_reason,
+                                result)
             outcome = RequestOutcome.FINISHED
         except (asyncio.CancelledError, GeneratorExit):
             outcome = RequestOutcome.CANCELLED
@@ -378,6 +459,85 @@ class PioEngine:
                 result = self._result(tracker, request, outcome, error)
                 self._spawn(self._call_back(request, result), f"pio-callback-{rid}")
 
+    @staticmethod
+    def _submission(prepared: PreparedRequest) -> _Submission:
+        prompt: dict[str, Any] = {"prompt_token_ids": prepared.prompt_token_ids}
+        if prepared.images:
+            prompt["multi_modal_data"] = {"image": [img.image for img in prepared.images]}
+        return _Submission(
+            request_id=prepared.request_id, prompt=prompt,
+            sampling_params=prepared.sampling_params, priority=prepared.priority,
+            deadline_at=prepared.deadline_at, preemptible=True,
+        )
+
+    async def generate_rendered(
+        self,
+        engine_input: Any,
+        sampling_params: Any,
+        request_id: str,
+        *,
+        priority: int,
+        priority_class: str | None = None,
+        ticket: Ticket | None = None,
+        deadline_at: float | None = None,
+        vllm_kwargs: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Serve a prompt that vLLM's own renderer already processed (the OpenAI server's
+        path) through pio's admission; yields vLLM RequestOutputs as `AsyncLLM.generate`
+        would, in the caller's `output_kind`.
+
+        `ticket`: a queue place reserved earlier with `admission.reserve`. A request is
+        preemptible (resumed from its prompt plus streamed tokens) when it has one sequence
+        and no logprobs, so that a resumed run's outputs can be stitched exactly; otherwise
+        it keeps its slot until it ends.
+        """
+        from vllm.sampling_params import RequestOutputKind
+
+        self.backend  # noqa: B018  (raises if not running / dead)
+        if request_id in self._active:
+            raise InvalidRequestError(
+                f"request_id {request_id!r} is already in flight; ids must be unique")
+        tracker = _Tracker(request_id, arrival_wall=time.time(), arrival_at=self._clock(),
+                           priority=priority, priority_class=priority_class)
+        kind = getattr(sampling_params, "output_kind", RequestOutputKind.CUMULATIVE)
+        preemptible = (
+            isinstance(engine_input, dict) and "prompt_token_ids" in engine_input
+            and engine_input.get("type") != "enc_dec"
+            and getattr(sampling_params, "n", 1) == 1
+            and getattr(sampling_params, "logprobs", None) is None
+            and getattr(sampling_params, "prompt_logprobs", None) is None
+        )
+        params = sampling_params
+        if preemptible:
+            params = sampling_params.clone()
+            params.output_kind = RequestOutputKind.DELTA
+        if not isinstance(engine_input, dict):
+            raise InvalidRequestError(
+                f"request {request_id}: prompt of type {type(engine_input).__name__} is not "
+                "served through pio; accepted: a rendered prompt dict (streaming input is not)")
+        sub = _Submission(
+            request_id=request_id, prompt=engine_input, sampling_params=params,
+            priority=priority, deadline_at=deadline_at, preemptible=preemptible,
+            vllm_kwargs=dict(vllm_kwargs or {}),
+        )
+        self._active[request_id] = tracker
+        outcome = RequestOutcome.FAILED
+        try:
+            async for step in self._serve(sub, tracker, ticket):
+                out = step.output
+                if preemptible:
+                    out = _stitch(out, step, tracker, kind, engine_input)
+                    if out is None:
+                        continue
+                yield out
+            outcome = RequestOutcome.FINISHED
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = RequestOutcome.CANCELLED
+            raise
+        finally:
+            del self._active[request_id]
+            self._counts[outcome] += 1
+
     async def _prepare_within_deadline(self, request: PioRequest, rid: str) -> PreparedRequest:
         deadline = self._deadline_at(request)
         if deadline is None:
@@ -391,24 +551,27 @@ class PioEngine:
             ) from e
 
     async def _serve(
-        self, prepared: PreparedRequest, tracker: _Tracker, request: PioRequest
-    ) -> AsyncIterator[PioOutput]:
+        self, sub: _Submission, tracker: _Tracker, ticket: Ticket | None = None
+    ) -> AsyncIterator[_Step]:
         """Admission, then vLLM attempts until the request ends; a preempted attempt is
-        resumed from the prompt plus the tokens the caller already has."""
+        resumed from the prompt plus the tokens the caller already has. `ticket`: a place
+        the caller reserved with `AdmissionController.reserve` (None: take one here)."""
         admission = self._admission
-        ticket: Ticket | None = None
         release = Release.FAILED
-        timer = self._arm_deadline(prepared, tracker)
+        timer = self._arm_deadline(sub.deadline_at, tracker)
         try:
             if admission is not None:
-                ticket = admission.ticket(prepared.request_id, prepared.priority,
-                                          prepared.priority_class, prepared.deadline_at)
-                ticket.preempt_hook = functools.partial(self._preempt, tracker)
+                if ticket is None:
+                    ticket = admission.ticket(sub.request_id, sub.priority,
+                                              tracker.priority_class, sub.deadline_at)
+                ticket.request_id = sub.request_id
+                if sub.preemptible:
+                    ticket.preempt_hook = functools.partial(self._preempt, tracker)
                 tracker.ticket = ticket
                 await admission.admit(ticket)
             while True:
-                async for out in self._attempt(prepared, tracker, request):
-                    yield out
+                async for step in self._attempt(sub, tracker):
+                    yield step
                 if not tracker.preempted:
                     release = Release.COMPLETED
                     return
@@ -425,29 +588,30 @@ class PioEngine:
             if timer is not None:
                 timer.cancel()
             if admission is not None and ticket is not None:
+                admission.cancel_reservation(ticket)
                 admission.release(ticket, release)
 
     def _preempt(self, tracker: _Tracker) -> None:
         """Admission's hook: abort the current vLLM attempt; `_attempt` sees it end."""
         self._spawn(self.backend.abort(tracker.vllm_id), f"pio-preempt-{tracker.vllm_id}")
 
-    async def _attempt(
-        self, prepared: PreparedRequest, tracker: _Tracker, request: PioRequest
-    ) -> AsyncIterator[PioOutput]:
+    async def _attempt(self, sub: _Submission, tracker: _Tracker) -> AsyncIterator[_Step]:
+        """One vLLM request for `sub`, continuing after the tokens `tracker` already has.
+
+        Yields a step per output that carries tokens or text and always the final one; after
+        a preemption the last step is not final and `tracker.preempted` is set."""
         backend = self.backend
-        rid = prepared.request_id
+        rid = sub.request_id
         done_tokens = len(tracker.token_ids)
-        prompt: dict[str, Any] = {
-            "prompt_token_ids": prepared.prompt_token_ids + tracker.token_ids
-        }
-        if prepared.images:
-            prompt["multi_modal_data"] = {"image": [img.image for img in prepared.images]}
-        params = prepared.sampling_params
+        prompt = dict(sub.prompt)
+        params = sub.sampling_params
         decode: Callable[[int], str] | None = None
         if done_tokens:
+            prompt.pop("prompt", None)  # the text no longer matches the token ids
+            prompt["prompt_token_ids"] = list(sub.prompt["prompt_token_ids"]) + tracker.token_ids
             params = backend.resume_params(params, done_tokens)
             decode = backend.resume_decoder(
-                prepared.prompt_token_ids, tracker.token_ids, prepared.sampling_params)
+                list(sub.prompt["prompt_token_ids"]), tracker.token_ids, sub.sampling_params)
         # A fresh vLLM id per attempt: the aborted one may still be draining in EngineCore.
         tracker.vllm_id = rid if tracker.preemptions == 0 else f"{rid}#resume{tracker.preemptions}"
         ticket = tracker.ticket
@@ -455,7 +619,8 @@ class PioEngine:
             tracker.submitted_at = self._clock()
         ended = False
         try:
-            stream = backend.generate(prompt, params, tracker.vllm_id, prepared.priority)
+            stream = backend.generate(prompt, params, tracker.vllm_id, sub.priority,
+                                      **sub.vllm_kwargs)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     completion = out.outputs[0] if out.outputs else None
@@ -468,15 +633,18 @@ class PioEngine:
                         if ticket is not None and self._admission is not None:
                             self._admission.observe_ttft(
                                 ticket, tracker.first_token_at - tracker.arrival_at)
-                    tracker.token_ids.extend(new_ids)
-                    tracker.text.append(delta)
-                    if ticket is not None:
-                        ticket.output_tokens = len(tracker.token_ids)
+                    if sub.preemptible:  # others are passed through, never resumed
+                        tracker.token_ids.extend(new_ids)
+                        tracker.text.append(delta)
+                        if ticket is not None:
+                            ticket.output_tokens = len(tracker.token_ids)
                     if not out.finished:
                         if new_ids or delta:
-                            yield PioOutput(rid, delta, new_ids, finished=False)
+                            yield _Step(out, new_ids, delta, final=False)
                         continue
                     reason = completion.finish_reason if completion is not None else None
+                    if tracker.abort_error is not None:
+                        raise tracker.abort_error
                     if tracker.expired:
                         raise DeadlineExceededError(
                             f"request {rid}: deadline passed after {len(tracker.token_ids)} "
@@ -486,12 +654,11 @@ class PioEngine:
                     if reason == "abort" and ticket is not None and ticket.preempt_requested:
                         tracker.preempted = True
                         if new_ids or delta:
-                            yield PioOutput(rid, delta, new_ids, finished=False)
+                            yield _Step(out, new_ids, delta, final=False)
                         return
                     tracker.finish_reason = reason
                     tracker.finished_at = self._clock()
-                    result = self._result(tracker, request, RequestOutcome.FINISHED, None)
-                    yield PioOutput(rid, delta, new_ids, True, reason, result)
+                    yield _Step(out, new_ids, delta, final=True)
                     return
             if tracker.expired:
                 raise DeadlineExceededError(f"request {rid}: deadline passed; aborted in vLLM")
@@ -502,11 +669,11 @@ class PioEngine:
                 with contextlib.suppress(Exception):
                     await backend.abort(tracker.vllm_id)
 
-    def _arm_deadline(self, prepared: PreparedRequest, tracker: _Tracker) -> Any:
-        if prepared.deadline_at is None:
+    def _arm_deadline(self, deadline_at: float | None, tracker: _Tracker) -> Any:
+        if deadline_at is None:
             return None
         loop = asyncio.get_running_loop()
-        delay = max(0.0, prepared.deadline_at - self._clock())
+        delay = max(0.0, deadline_at - self._clock())
 
         def expire() -> None:
             tracker.expired = True

@@ -156,7 +156,7 @@ class VllmBackend:
         )
 
     @classmethod
-    def start(cls, settings: PioSettings) -> VllmBackend:
+    def start(cls, settings: PioSettings, usage_context: Any | None = None) -> VllmBackend:
         """Build the model if needed and start vLLM's engine (blocks; ~30-60 s on CPU)."""
         major_minor = vllm_version()
         if f"{major_minor[0]}.{major_minor[1]}" not in SUPPORTED_VLLM:
@@ -174,7 +174,9 @@ class VllmBackend:
         probe = EngineStatsProbe()
         t0 = time.perf_counter()
         try:
-            llm = AsyncLLM.from_engine_args(args, stat_loggers=[probe.logger_factory()])
+            extra = {} if usage_context is None else {"usage_context": usage_context}
+            llm = AsyncLLM.from_engine_args(
+                args, stat_loggers=[probe.logger_factory()], **extra)
         except Exception as e:
             raise ConfigError(f"vLLM engine failed to start for model {model_path!r}: {e}") from e
         start_s = time.perf_counter() - t0
@@ -294,14 +296,18 @@ class VllmBackend:
             )
 
     async def generate(
-        self, prompt: Mapping[str, Any], params: Any, request_id: str, priority: int
+        self, prompt: Mapping[str, Any], params: Any, request_id: str, priority: int,
+        **vllm_kwargs: Any,
     ) -> AsyncGenerator[Any, None]:
-        """vLLM's output stream for one request, with vLLM errors translated."""
+        """vLLM's output stream for one request, with vLLM errors translated.
+
+        `vllm_kwargs`: further `AsyncLLM.generate` keywords (lora_request, trace_headers, ...)
+        that the OpenAI server passes through."""
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         try:
             async for out in self._llm.generate(
-                dict(prompt), params, request_id, priority=priority
+                dict(prompt), params, request_id, priority=priority, **vllm_kwargs
             ):
                 yield out
         except VllmEngineDead as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import io
@@ -23,6 +24,7 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,21 +160,34 @@ class ImageLoader:
 
     # -- sources ------------------------------------------------------------------------
 
-    async def _from_string(self, source: str, index: int | None) -> LoadedImage:
+    async def source_bytes(self, source: str, index: int | None = None) -> bytes:
+        """The encoded bytes behind a path or data: / http(s) / file URL, under the same
+        limits and allow-lists as `load` (no decode)."""
         scheme = urlsplit(source).scheme.lower() if "://" in source[:16] else ""
         if source.startswith("data:"):
-            return await self._from_bytes(self._decode_data_url(source, index), index)
-        if scheme in ("http", "https"):
-            return await self._from_bytes(await self._fetcher.fetch(source, index), index)
-        if scheme == "file":
-            return await self._from_path(Path(unquote(urlsplit(source).path)), index)
-        if scheme:
+            data = self._decode_data_url(source, index)
+        elif scheme in ("http", "https"):
+            data = await self._fetcher.fetch(source, index)
+        elif scheme == "file":
+            data = await self._path_bytes(Path(unquote(urlsplit(source).path)), index)
+        elif scheme:
             raise ImageSourceError(
                 f"unsupported URL scheme {scheme!r} in {source[:80]!r}; accepted: http, https, "
                 "data, file",
                 index,
             )
-        return await self._from_path(Path(source), index)
+        else:
+            data = await self._path_bytes(Path(source), index)
+        self._check_bytes(data, index)
+        return data
+
+    async def probe(self, data: bytes, index: int | None = None) -> tuple[int, int, str]:
+        """(width, height, format) from the image header only; refuses what exceeds the
+        pixel limit (decompression bombs) without decoding pixels."""
+        return tuple(await self._run(self._probe, data, index))  # type: ignore[return-value]
+
+    async def _from_string(self, source: str, index: int | None) -> LoadedImage:
+        return await self._from_bytes(await self.source_bytes(source, index), index)
 
     def _decode_data_url(self, url: str, index: int | None) -> bytes:
         header, sep, payload = url.partition(",")
@@ -194,6 +209,9 @@ class ImageLoader:
             raise ImageDecodeError(f"data URL has invalid base64: {e}", index) from e
 
     async def _from_path(self, path: Path, index: int | None) -> LoadedImage:
+        return await self._from_bytes(await self._path_bytes(path, index), index)
+
+    async def _path_bytes(self, path: Path, index: int | None) -> bytes:
         if not self._settings.allow_local_files:
             raise ImageSourceError(
                 f"local file {str(path)!r} refused: local image files are disabled "
@@ -210,10 +228,9 @@ class ImageLoader:
                 f"{[str(d) for d in allowed]}",
                 index,
             )
-        data = await self._run(self._read_file, resolved, index)
-        return await self._from_bytes(data, index)
+        return bytes(await self._run(self._read_file, resolved, index))
 
-    async def _from_bytes(self, data: bytes, index: int | None) -> LoadedImage:
+    def _check_bytes(self, data: bytes, index: int | None) -> None:
         if len(data) > self._settings.max_image_bytes:
             raise ImageTooLargeError(
                 f"image is {len(data)} bytes; max_image_bytes is {self._settings.max_image_bytes}",
@@ -221,6 +238,9 @@ class ImageLoader:
             )
         if not data:
             raise ImageDecodeError("image is empty (0 bytes)", index)
+
+    async def _from_bytes(self, data: bytes, index: int | None) -> LoadedImage:
+        self._check_bytes(data, index)
         key = await self._run(_hash_bytes, data) if len(data) > 65536 else _hash_bytes(data)
         cached = self._cache.get(key)
         if cached is not None:
@@ -258,13 +278,27 @@ class ImageLoader:
             )
         return path.read_bytes()
 
+    def _probe(self, data: bytes, index: int | None) -> tuple[int, int, str]:
+        with self._pil_errors(data, index):
+            image = Image.open(io.BytesIO(data))
+            self._check_pixels(image.width, image.height, index)
+            return image.width, image.height, str(image.format or "").lower()
+        raise AssertionError("unreachable")  # _pil_errors re-raises
+
     def _decode(self, data: bytes, key: str, index: int | None) -> LoadedImage:
+        with self._pil_errors(data, index):
+            image = Image.open(io.BytesIO(data))
+            self._check_pixels(image.width, image.height, index)
+            image.load()
+        return LoadedImage(self._prepare(image, index), key)
+
+    @contextlib.contextmanager
+    def _pil_errors(self, data: bytes, index: int | None) -> Iterator[None]:
+        """Pillow's failures as typed ImageErrors; its bomb warning counts as an error."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                self._check_pixels(image.width, image.height, index)
-                image.load()
+                yield
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -281,7 +315,6 @@ class ImageLoader:
             ) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageDecodeError(f"image bytes are corrupt or truncated: {e}", index) from e
-        return LoadedImage(self._prepare(image, index), key)
 
     def _from_pil(self, image: Image.Image, index: int | None) -> LoadedImage:
         self._check_pixels(image.width, image.height, index)

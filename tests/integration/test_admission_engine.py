@@ -137,7 +137,7 @@ async def test_5000_mixed_requests_leave_no_state(engine: PioEngine) -> None:
     assert sum(outcomes.values()) == 5000 and "failed" not in outcomes
     assert outcomes.get("completed", 0) > 1000 and outcomes.get("expired", 0) > 0
     assert engine.admission.held_state() == {  # type: ignore[union-attr]
-        "waiting": 0, "admitted": 0, "preempting": 0, "class_queues": 0}
+        "waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
     await assert_vllm_idle(engine)
     stats = engine.admission.stats()  # type: ignore[union-attr]
     assert all(c.queued == 0 and c.running == 0 for c in stats.classes.values())

@@ -102,7 +102,7 @@ async def test_higher_class_is_admitted_first_then_fifo() -> None:
         await settle()
         assert eng.admit_order[-1] == rid
         eng.finish(tickets[rid])
-    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "class_queues": 0}
+    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
 
 
 def test_aging_lets_a_long_waiting_batch_request_overtake() -> None:
@@ -211,7 +211,7 @@ async def test_cancelling_a_queued_request_only_unqueues_it() -> None:
     await settle()
     assert ctl.stats().queued == 0 and ctl.stats().classes["standard"].cancelled == 1
     eng.finish(running)
-    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "class_queues": 0}
+    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
 
 
 def test_victim_is_lowest_class_then_least_progressed() -> None:
@@ -330,7 +330,7 @@ async def test_random_traffic_leaves_no_state() -> None:
         if not task.done():
             task.cancel()
     await settle()
-    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "class_queues": 0}
+    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
     stats = ctl.stats().classes
     assert sum(c.preempted for c in stats.values()) > 0
     assert sum(c.shed for c in stats.values()) == len(eng.shed) > 0
@@ -347,3 +347,26 @@ def test_prometheus_collectors_carry_per_class_numbers() -> None:
     text = generate_latest(registry).decode()
     assert 'pio_admission_events_total{event="shed",priority_class="batch"} 1.0' in text
     assert 'pio_time_to_first_token_seconds_count{priority_class="interactive"} 1.0' in text
+
+
+async def test_reservations_fill_free_slots_then_count_as_queue() -> None:
+    """The server reserves places before it renders a request: reservations that free
+    slots will take are not queued; beyond them the class queue limit applies."""
+    ctl = controller(window=2, preemption=False)
+    tickets = [ctl.ticket(f"r{i}", LEVEL["batch"], "batch", None) for i in range(7)]
+    for t in tickets[:6]:  # 2 slots + a queue of 4
+        ctl.reserve(t)
+    with pytest.raises(RequestRejectedError, match="queue is full"):
+        ctl.reserve(tickets[6])
+    assert ctl.held_state()["reserved"] == 6
+    ctl.cancel_reservation(tickets[5])
+    ctl.cancel_reservation(tickets[5])  # idempotent
+    ctl.reserve(ctl.ticket("again", LEVEL["batch"], "batch", None))  # the freed place
+    # admit() takes a reservation over without a second shed check
+    await asyncio.wait_for(ctl.admit(tickets[0]), 1)
+    assert tickets[0].state is TicketState.ADMITTED
+    assert ctl.held_state()["reserved"] == 5
+    ctl.release(tickets[0], Release.COMPLETED)
+    ctl.close()  # frees the remaining reservations
+    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0,
+                                "class_queues": 0}

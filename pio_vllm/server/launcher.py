@@ -1,0 +1,146 @@
+"""`pio-vllm serve`: vLLM's OpenAI-compatible server with PioEngine as its engine client.
+
+    pio-vllm serve --config configs/tiny-cpu.yaml [any `vllm serve` flag ...]
+
+The pio config's `engine` section becomes the defaults of vLLM's own argument parser, so a
+flag on the command line overrides the file; `--model` / the positional model tag may name
+'pio:PRESET'. The app is vLLM's (`build_app`, `init_app_state`, `serve_http` from
+`vllm.entrypoints.launchers`, read from vLLM 0.32.0), with pio's RequestGate middleware in
+front of its routes, pio's metrics in the same Prometheus registry as vLLM's (/metrics), and
+SIGTERM draining through `PioEngineClient.shutdown`. One API-server process: pio's admission
+state lives in it (`--api-server-count` > 1 is refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+from pio_vllm.errors import ConfigError
+from pio_vllm.settings import PioSettings
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str], default_config: str | None) -> tuple[Any, PioSettings]:
+    """(vLLM's serve Namespace, pio settings whose `engine` is the merged engine args)."""
+    from vllm import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=default_config)
+    known, rest = pre.parse_known_args(argv)
+    settings = PioSettings.load(known.config)
+
+    parser = make_arg_parser(FlexibleArgumentParser(
+        prog="pio-vllm serve",
+        description="vLLM's OpenAI-compatible server with pio's admission in the request "
+        "path. --config FILE is pio's settings YAML; every other flag is vLLM's.",
+    ))
+    engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    vllm_defaults = {name: parser.get_default(name) for name in engine_fields}
+    parser.set_defaults(**settings.engine)
+    args = parser.parse_args(rest)
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    validate_parsed_serve_args(args)
+    if (args.api_server_count or 1) > 1 or getattr(args, "data_parallel_size", 1) > 1:
+        raise ConfigError(
+            f"--api-server-count {args.api_server_count} / --data-parallel-size "
+            f"{getattr(args, 'data_parallel_size', 1)}: pio serves from one API-server "
+            "process (its admission queue lives there); accepted: 1"
+        )
+    # The engine arguments that differ from vLLM's defaults: the file's and the flags'.
+    engine = {
+        name: getattr(args, name) for name in engine_fields
+        if hasattr(args, name) and getattr(args, name) != vllm_defaults[name]
+    }
+    engine["model"] = args.model
+    settings = settings.model_copy(update={"engine": engine})
+    if args.served_model_name is None and str(args.model).startswith("pio:"):
+        args.served_model_name = [args.model]  # clients ask for 'pio:tiny', not a cache path
+    return args, settings
+
+
+async def run_server(args: Any, settings: PioSettings) -> None:
+    """Start the engine, then serve until SIGTERM / SIGINT (drains first)."""
+    import prometheus_client
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+    from vllm.usage.usage_lib import UsageContext
+
+    from pio_vllm.engine.pio_engine import PioEngine
+    from pio_vllm.engine.vllm_backend import resolve_model
+    from pio_vllm.server.engine_client import PioEngineClient
+    from pio_vllm.server.http_errors import install_error_handler
+    from pio_vllm.server.request_gate import built_gates, configure_gate
+
+    listen_address, sock = setup_server(args, reuse_port=False)
+    model_path = resolve_model(settings)
+    args.model = model_path
+    if args.tokenizer is None:
+        args.tokenizer = model_path
+    engine = PioEngine(settings, registry=prometheus_client.REGISTRY)
+    engine.start_blocking(UsageContext.OPENAI_API_SERVER)
+    # EngineClient's other abstract methods are attached as AsyncLLM delegates at import
+    # (engine_client.py), which mypy cannot see.
+    client = PioEngineClient(engine)  # type: ignore[abstract]
+    client.bind_loop(asyncio.get_running_loop())
+    await client.reset_mm_cache()  # as vLLM's launcher: drop the profiling dummy data
+
+    supported_tasks = await client.get_supported_tasks()
+    gate_path = configure_gate(engine, settings, draining=lambda: client.draining)
+    args.middleware = [*(args.middleware or []), gate_path]  # outermost: added last
+    app = build_app(args, supported_tasks, client.model_config)
+    install_error_handler(app)
+    await init_app_state(client, app.state, args, supported_tasks)
+
+    uvicorn_kwargs: dict[str, Any] = {}
+    log_config = get_uvicorn_log_config(args)
+    if log_config is not None:
+        uvicorn_kwargs["log_config"] = log_config
+    logger.info("pio-vllm serving %s on %s", settings.model, listen_address)
+    # The same keywords as vLLM 0.32.0's build_and_serve.
+    shutdown_task = await serve_http(
+        app,
+        sock=sock,
+        enable_ssl_refresh=args.enable_ssl_refresh,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+        ssl_cert_reqs=args.ssl_cert_reqs,
+        ssl_ciphers=args.ssl_ciphers,
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_header_count=args.h11_max_header_count,
+        **uvicorn_kwargs,
+    )
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+        for gate in built_gates:
+            await gate.aclose()
+        if not engine.closed:
+            await engine.shutdown()
+
+
+def main(argv: list[str], default_config: str | None) -> int:
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    args, settings = parse_args(argv, default_config)
+    uvloop.run(run_server(args, settings))
+    return 0

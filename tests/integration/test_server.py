@@ -1,0 +1,303 @@
+"""`pio-vllm serve` as a real process, driven with the official `openai` client and httpx.
+
+One server for the module (tiny model, real vLLM CPU engine, API keys on); the SIGTERM
+drain test runs last and stops it. The engine-death test starts its own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.helpers import encode, http_server, noise_image, png_with_header_size
+from tests.server_helpers import KEYS, Server, metric, start_server, write_config
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+MODEL = "pio:tiny"
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def image_message(url: str, text: str = "Describe the image.") -> list[dict[str, object]]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": text},
+    ]}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("server")
+    config = write_config(
+        tmp / "server.yaml",
+        engine={"max_num_seqs": 4, "disable_log_stats": False},
+        priority_classes={
+            "interactive": {"level": 0, "max_queue_len": 16, "weight": 4.0},
+            "standard": {"level": 1, "max_queue_len": 16, "weight": 2.0},
+            "batch": {"level": 2, "max_queue_len": 2, "weight": 1.0},
+        },
+        images={"max_image_bytes": 2_000_000, "allowed_url_domains": ["127.0.0.1"]},
+        server={"api_keys": [{"key": k, **v} for k, v in KEYS.items()],
+                "drain_timeout_s": 4.0},
+    )
+    srv = start_server(config, tmp / "server.log")
+    yield srv
+    srv.stop()
+
+
+def client(server: Server, key: str = "key-plain", **kw: object) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0,
+                              **kw)  # type: ignore[arg-type]
+
+
+def scrape(server: Server) -> str:
+    return httpx.get(server.base_url + "/metrics", timeout=10).text
+
+
+async def wait_idle(server: Server, timeout_s: float = 10) -> str:
+    """/metrics once vLLM runs nothing and pio holds nothing (the leak check)."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = scrape(server)
+        busy = (metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting")
+                + metric(text, "pio_running_requests") + metric(text, "pio_queued_requests"))
+        if busy == 0:
+            return text
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"server not idle after {timeout_s}s")
+
+
+async def test_models_health_and_metrics(server: Server) -> None:
+    models = await client(server).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    text = scrape(server)
+    assert "vllm:num_requests_running" in text  # vLLM's metrics ...
+    assert "pio_running_requests" in text  # ... and pio's, on one endpoint
+
+
+async def test_chat_with_data_url_image_streaming_and_not(server: Server) -> None:
+    c = client(server)
+    png = encode(noise_image(320, 240, seed=1))
+    messages = image_message(data_url(png))
+    full = await c.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage is not None and full.usage.completion_tokens == 12
+    # 320x240 -> 10x8 merged patches = 80 vision tokens, plus the text.
+    assert full.usage.prompt_tokens > 80
+    stream = await c.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                             max_tokens=12, temperature=0, stream=True)
+    text = "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+    assert text == full.choices[0].message.content
+    other = await c.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(encode(noise_image(320, 240, seed=2)))),  # type: ignore[arg-type]
+        max_tokens=12, temperature=0)
+    assert other.choices[0].message.content != text  # the pixels reached the model
+    await wait_idle(server)
+
+
+async def test_http_image_url_is_fetched_by_pio(server: Server) -> None:
+    png = encode(noise_image(320, 240, seed=1))
+
+    def serve_png(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")
+        h.send_header("Content-Length", str(len(png)))
+        h.end_headers()
+        h.wfile.write(png)
+
+    c = client(server)
+    with http_server({"/img.png": serve_png}) as base:
+        by_url = await c.chat.completions.create(
+            model=MODEL, messages=image_message(base + "/img.png"),  # type: ignore[arg-type]
+            max_tokens=8, temperature=0)
+    by_data = await c.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(png)),  # type: ignore[arg-type]
+        max_tokens=8, temperature=0)
+    assert by_url.choices[0].message.content == by_data.choices[0].message.content
+
+
+async def test_priority_from_body_header_and_key(server: Server) -> None:
+    def done(text: str, cls: str) -> float:
+        return metric(text, "pio_admission_events_total", priority_class=cls, event="completed")
+
+    before = scrape(server)
+    prompt = [{"role": "user", "content": "hello"}]
+    await client(server, "key-plain").chat.completions.create(
+        model=MODEL, messages=prompt, max_tokens=2, extra_body={"priority": "batch"})  # type: ignore[arg-type]
+    await client(server, "key-plain").chat.completions.create(
+        model=MODEL, messages=prompt, max_tokens=2, extra_headers={"X-Priority": "0"})  # type: ignore[arg-type]
+    await client(server, "key-batch").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    await client(server, "key-plain").chat.completions.create(
+        model=MODEL, messages=prompt, max_tokens=2)  # type: ignore[arg-type]
+    after = scrape(server)
+    assert done(after, "batch") - done(before, "batch") == 2  # body + the key's class
+    assert done(after, "interactive") - done(before, "interactive") == 1  # header level 0
+    assert done(after, "standard") - done(before, "standard") == 1  # default class
+
+    with pytest.raises(openai.BadRequestError, match="unknown priority class 'vip'"):
+        await client(server).chat.completions.create(
+            model=MODEL, messages=prompt, max_tokens=2, extra_headers={"X-Priority": "vip"})  # type: ignore[arg-type]
+    with pytest.raises(openai.PermissionDeniedError, match="above this API key's class"):
+        await client(server, "key-batch").chat.completions.create(
+            model=MODEL, messages=prompt, max_tokens=2, extra_body={"priority": "interactive"})  # type: ignore[arg-type]
+
+
+async def test_api_keys(server: Server) -> None:
+    for key in ("wrong-key", ""):
+        r = httpx.post(server.base_url + "/v1/chat/completions",
+                       headers={"Authorization": f"Bearer {key}"} if key else {},
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == 401
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
+    assert httpx.get(server.base_url + "/health").status_code == 200  # probes need no key
+
+
+async def test_shed_is_429_with_retry_after(server: Server) -> None:
+    c = client(server, "key-batch")
+    long_run = {"max_tokens": 400, "extra_body": {"ignore_eos": True}}
+
+    async def one() -> int:
+        try:
+            await c.completions.create(model=MODEL, prompt="count", **long_run)  # type: ignore[arg-type]
+            return 200
+        except openai.RateLimitError as e:
+            assert e.response.headers["Retry-After"].isdigit()
+            assert "queue is full" in e.message
+            return 429
+
+    # 4 run (max_num_seqs), 2 queue (batch max_queue_len), the rest are shed at once.
+    codes = await asyncio.gather(*(one() for _ in range(9)))
+    assert codes.count(429) == 3, codes
+    assert codes.count(200) == 6
+    await wait_idle(server)
+
+
+async def test_client_disconnect_aborts_in_vllm(server: Server) -> None:
+    c = client(server)
+    before = metric(scrape(server), "pio_admission_events_total", event="cancelled")
+    stream = await c.completions.create(model=MODEL, prompt="go", max_tokens=3000, stream=True,
+                                        extra_body={"ignore_eos": True})
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.close()
+    text = await wait_idle(server, timeout_s=10)  # long before 3000 tokens could finish
+    assert metric(text, "pio_admission_events_total", event="cancelled") == before + 1
+
+
+async def test_bad_inputs_get_4xx_and_server_keeps_serving(server: Server) -> None:
+    c = client(server)
+    url = server.base_url + "/v1/chat/completions"
+    auth = {"Authorization": "Bearer key-plain"}
+    r = httpx.post(url, content=b'{"model": "pio:tiny", "messages": [', headers={
+        **auth, "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+
+    cases = {
+        "invalid base64": image_message("data:image/png;base64,@@not-base64@@"),
+        "unsupported scheme": image_message("ftp://127.0.0.1/x.png"),
+        "local file": image_message("file:///etc/hostname"),
+        "host not allowed": image_message("http://images.example.com/x.png"),
+        "oversized image": image_message(data_url(b"\x89PNG" + b"\0" * 2_100_000)),
+        "decompression bomb": image_message(data_url(png_with_header_size(30000, 30000))),
+        "too many images": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(encode(noise_image(64, 64, i)))}}
+            for i in range(5)]}],
+    }
+    expect = {
+        "invalid base64": "invalid base64", "unsupported scheme": "unsupported URL scheme",
+        "local file": "local file", "host not allowed": "not in allowed_url_domains",
+        "oversized image": "max_image_bytes", "decompression bomb": "max_image_pixels",
+        "too many images": "at most 4",
+    }
+    for name, messages in cases.items():
+        with pytest.raises(openai.BadRequestError) as info:
+            await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        assert expect[name] in info.value.message, (name, info.value.message)
+    with pytest.raises(openai.NotFoundError):
+        await c.chat.completions.create(model="no-such-model", messages=[  # type: ignore[list-item]
+            {"role": "user", "content": "x"}], max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        await c.chat.completions.create(model=MODEL, messages=[  # type: ignore[list-item]
+            {"role": "user", "content": "x"}], max_tokens=-1)
+    ok = await c.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(encode(noise_image(96, 64, 3)))),  # type: ignore[arg-type]
+        max_tokens=4)
+    assert ok.choices[0].finish_reason == "length"
+    await wait_idle(server)
+
+
+async def test_deadline_header_gives_504(server: Server) -> None:
+    c = client(server)
+    with pytest.raises(openai.APIStatusError) as info:
+        await c.completions.create(model=MODEL, prompt="go", max_tokens=3000,
+                                   extra_body={"ignore_eos": True},
+                                   extra_headers={"X-Request-Timeout-S": "0.5"})
+    assert info.value.status_code == 504
+    assert "deadline" in info.value.message
+    await wait_idle(server)
+
+
+def test_sigterm_drains_then_exits_0(server: Server) -> None:
+    """Runs last in this module: it stops the shared server."""
+    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="key-plain", max_retries=0)
+    short = c.completions.create(model=MODEL, prompt="a", max_tokens=300, stream=True,
+                                 extra_body={"ignore_eos": True})
+    long = c.completions.create(model=MODEL, prompt="b", max_tokens=4000, stream=True,
+                                extra_body={"ignore_eos": True})
+    first_short, first_long = next(iter(short)), next(iter(long))
+    assert first_short and first_long
+    server.proc.send_signal(15)
+    time.sleep(0.5)
+    refused = httpx.post(server.base_url + "/v1/completions", headers={
+        "Authorization": "Bearer key-plain"}, json={"model": MODEL, "prompt": "x"})
+    assert refused.status_code == 503, refused.text
+    finish = [ch.choices[0].finish_reason for ch in short if ch.choices]
+    assert finish[-1] == "length"  # drained: finished normally
+    with pytest.raises(openai.APIError, match="shut down"):
+        for _ in long:  # 4000 tokens outlast drain_timeout_s=4: aborted with a clear error
+            pass
+    assert server.proc.wait(60) == 0, server.log()[-3000:]
+
+
+def test_engine_death_ends_streams_and_health_503(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "server.yaml",
+                          vllm_env={"VLLM_CPU_KVCACHE_SPACE": "1",
+                                    "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    srv = start_server(config, tmp_path / "server.log")
+    try:
+        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
+        stream = c.completions.create(model=MODEL, prompt="go", max_tokens=3500, stream=True,
+                                      extra_body={"ignore_eos": True})
+        next(iter(stream))
+        cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
+                 if "EngineCor" in " ".join(p.cmdline()) + p.name()]
+        assert cores, [p.name() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+        killed_at = time.monotonic()
+        for p in cores:
+            p.kill()
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        assert time.monotonic() - killed_at < 5.0
+        assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 503
+    finally:
+        srv.stop()
