@@ -256,6 +256,36 @@ async def test_deadline_header_gives_504(server: Server) -> None:
     await wait_idle(server)
 
 
+async def test_preempted_requests_resume_with_identical_output(server: Server) -> None:
+    """Interactive requests preempt running batch ones; the batch responses, streamed and
+    not, equal an unpreempted run token for token (greedy)."""
+    batch = client(server, "key-batch")
+    args = {"model": MODEL, "prompt": "story", "max_tokens": 300, "temperature": 0,
+            "extra_body": {"ignore_eos": True}}
+    alone = await batch.completions.create(**args)  # type: ignore[call-overload]
+    before = metric(scrape(server), "pio_admission_events_total", event="preempted")
+
+    async def streamed() -> str:
+        stream = await batch.completions.create(stream=True, **args)  # type: ignore[call-overload]
+        return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+    async def full() -> str:
+        out = await batch.completions.create(**args)  # type: ignore[call-overload]
+        assert out.usage.completion_tokens == 300 and out.usage.prompt_tokens == (
+            alone.usage.prompt_tokens)
+        return str(out.choices[0].text)
+
+    runs = [asyncio.create_task(f()) for f in (streamed, full, streamed, full)]
+    await asyncio.sleep(0.5)  # the four fill max_num_seqs
+    urgent = client(server, "key-interactive")
+    await asyncio.gather(*(urgent.completions.create(model=MODEL, prompt="now", max_tokens=4)
+                           for _ in range(2)))
+    texts = await asyncio.gather(*runs)
+    assert metric(scrape(server), "pio_admission_events_total", event="preempted") >= before + 2
+    assert all(t == alone.choices[0].text for t in texts)
+    await wait_idle(server)
+
+
 def test_sigterm_drains_then_exits_0(server: Server) -> None:
     """Runs last in this module: it stops the shared server."""
     c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="key-plain", max_retries=0)

@@ -1,0 +1,31 @@
+"""`pio-vllm serve` argument merging: pio config as defaults, vLLM flags override (no engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pio_vllm.errors import ConfigError
+from pio_vllm.server.launcher import parse_args
+from tests.helpers import TINY_CONFIG
+
+
+def test_config_engine_args_are_defaults_and_flags_override() -> None:
+    args, settings = parse_args(["--config", str(TINY_CONFIG), "--max-num-seqs", "2",
+                                 "--port", "9123"], None)
+    assert args.max_num_seqs == 2 and settings.engine["max_num_seqs"] == 2  # flag wins
+    assert settings.engine["block_size"] == 32  # from the file
+    assert args.port == 9123
+    assert settings.model == "pio:tiny" and args.served_model_name == ["pio:tiny"]
+    assert settings.priority_classes["interactive"].level == 0  # pio settings apply too
+
+
+def test_model_tag_overrides_config_model(tmp_path: Path) -> None:
+    args, settings = parse_args(["--config", str(TINY_CONFIG), str(tmp_path)], None)
+    assert settings.model == str(tmp_path) and args.served_model_name is None
+
+
+def test_several_api_servers_are_refused() -> None:
+    with pytest.raises(ConfigError, match="api-server-count 2"):
+        parse_args(["--config", str(TINY_CONFIG), "--api-server-count", "2"], None)
