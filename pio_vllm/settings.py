@@ -166,6 +166,39 @@ class AdmissionSettings(BaseModel):
     )
 
 
+class TuningSettings(BaseModel):
+    """Complexity-based batch tuning: per-step limits from a fitted step-time model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Run vLLM with pio's BatchLimitScheduler (patches/) and retune the number "
+        "of running requests and the step token budget from engine measurements.",
+    )
+    tpot_target_s: float = Field(
+        default=0.05, gt=0, description="Per-output-token latency (engine step time) to hold."
+    )
+    interval_s: float = Field(
+        default=0.5, gt=0, description="How often limits are refitted and sent to the engine."
+    )
+    window: int = Field(
+        default=256, ge=8, description="Recent engine steps the step-time model is fitted on."
+    )
+    min_samples: int = Field(
+        default=32, ge=4, description="Steps needed before the fit is used (static before)."
+    )
+    min_r2: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Fit quality (R^2) below which the static limits are used.",
+    )
+    smoothing: float = Field(
+        default=0.3, gt=0, le=1,
+        description="Fraction of the way to a new target moved per decision (EMA).",
+    )
+    min_active: int = Field(default=1, ge=1, description="Lower bound on running requests.")
+
+
 class ApiKey(BaseModel):
     """One client key of the OpenAI server: who it is and which class it gets."""
 
@@ -252,6 +285,9 @@ class PioSettings(BaseSettings):
     )
     server: ServerSettings = Field(
         default_factory=ServerSettings, description="The OpenAI-compatible server."
+    )
+    tuning: TuningSettings = Field(
+        default_factory=TuningSettings, description="Complexity-based batch tuning."
     )
 
     @classmethod

@@ -1,0 +1,102 @@
+"""BatchLimitScheduler: vLLM's Scheduler with per-step limits settable at runtime.
+
+Process: EngineCore (vLLM builds it from `scheduler_cls`, the seam meant for this).
+Target: `vllm.v1.core.sched.scheduler.Scheduler` (subclass; nothing of vLLM is modified).
+vLLM versions verified: 0.32.0 (CPU build, CI), 0.23.0 (the GPU machine's).
+
+What it changes: before each `schedule()`, the cap on requests admitted into RUNNING
+(0.32: `max_num_active_reqs`; 0.23: `max_num_running_reqs`) and the step token budget
+(`max_num_scheduled_tokens`) are set to the limits pio's BatchTuner chose, never above the
+values vLLM sized its buffers for at start (`max_num_seqs`, `max_num_batched_tokens`), and
+never below a floor that still lets the largest image's vision tokens be scheduled. Running
+requests are never preempted by a lowered cap; it only stops new admissions. After each
+step it records (scheduled tokens, encoder tokens, requests, step seconds) for the tuner.
+
+Why: vLLM's limits are static; a step with a large image's prefill and a step of short
+decodes need very different limits to hold a per-token latency target (DESIGN.md; issue 4
+measurements in benchmarks/results/mixed-resolution-cpu.md).
+
+How to remove: drop `scheduler_cls` from the engine arguments (pio sets it only when
+`tuning.enabled`); vLLM's default Scheduler runs with its static limits.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+# Most step samples kept between two reads by the frontend.
+MAX_SAMPLES = 512
+
+
+class BatchLimitScheduler(Scheduler):
+    """vLLM's Scheduler plus `set_batch_limits` / step samples (read by a utility call)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # 0.32 separates admission into RUNNING from the model-runner slot count; 0.23 has
+        # one attribute and tests it with `==`, so a cap below len(running) must not be set.
+        self._pio_cap_attr = (
+            "max_num_active_reqs" if hasattr(self, "max_num_active_reqs")
+            else "max_num_running_reqs")
+        self.pio_start_active = int(getattr(self, self._pio_cap_attr))
+        self.pio_start_tokens = int(self.max_num_scheduled_tokens)
+        self.pio_max_active = self.pio_start_active
+        self.pio_max_tokens = self.pio_start_tokens
+        self.pio_token_floor = self.pio_start_tokens
+        self.pio_peak_running = 0
+        self.pio_samples: collections.deque[tuple[int, int, int, float]] = collections.deque(
+            maxlen=MAX_SAMPLES)
+        self._pio_step_started: float | None = None
+        self._pio_step_shape: tuple[int, int, int] = (0, 0, 0)
+
+    def set_batch_limits(self, max_active: int | None, max_tokens: int | None,
+                         token_floor: int | None = None) -> dict[str, int]:
+        """Clamp and store the limits; they apply from the next step. Returns them."""
+        if token_floor is not None:
+            self.pio_token_floor = max(1, min(int(token_floor), self.pio_start_tokens))
+        if max_active is not None:
+            self.pio_max_active = max(1, min(int(max_active), self.pio_start_active))
+        if max_tokens is not None:
+            self.pio_max_tokens = max(self.pio_token_floor,
+                                      min(int(max_tokens), self.pio_start_tokens))
+        return self.batch_limits()
+
+    def batch_limits(self) -> dict[str, int]:
+        return {"max_active": self.pio_max_active, "max_tokens": self.pio_max_tokens,
+                "start_active": self.pio_start_active, "start_tokens": self.pio_start_tokens,
+                "peak_running": self.pio_peak_running}
+
+    def take_samples(self) -> list[tuple[int, int, int, float]]:
+        samples = list(self.pio_samples)
+        self.pio_samples.clear()
+        return samples
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        cap = self.pio_max_active
+        if self._pio_cap_attr == "max_num_running_reqs":
+            cap = max(cap, len(self.running))
+        setattr(self, self._pio_cap_attr, cap)
+        self.max_num_scheduled_tokens = self.pio_max_tokens
+        output = super().schedule(*args, **kwargs)
+        self.pio_peak_running = max(self.pio_peak_running, len(self.running))
+        encoder_tokens = 0
+        for req_id, inputs in (output.scheduled_encoder_inputs or {}).items():
+            request = self.requests.get(req_id)
+            if request is not None:
+                encoder_tokens += sum(request.get_num_encoder_embeds(i) for i in inputs)
+        self._pio_step_shape = (int(output.total_num_scheduled_tokens), encoder_tokens,
+                                len(output.num_scheduled_tokens))
+        self._pio_step_started = time.perf_counter()
+        return output
+
+    def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
+        started, self._pio_step_started = self._pio_step_started, None
+        if started is not None and self._pio_step_shape[0] > 0:
+            tokens, encoder_tokens, reqs = self._pio_step_shape
+            self.pio_samples.append(
+                (tokens, encoder_tokens, reqs, time.perf_counter() - started))
+        return super().update_from_output(*args, **kwargs)

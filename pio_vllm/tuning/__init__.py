@@ -1,0 +1,1 @@
+"""Batch tuning: cost per request and the per-step limits it implies (pure code)."""
