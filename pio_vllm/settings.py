@@ -197,6 +197,11 @@ class TuningSettings(BaseModel):
         description="Fraction of the way to a new target moved per decision (EMA).",
     )
     min_active: int = Field(default=1, ge=1, description="Lower bound on running requests.")
+    min_step_tokens: int = Field(
+        default=256, ge=1,
+        description="Lower bound on the step token budget (vLLM chunks longer prefills; "
+        "images are encoded within vLLM's separate encoder budget).",
+    )
 
 
 class ApiKey(BaseModel):

@@ -30,7 +30,9 @@ from pio_vllm.admission.controller import (
     Release,
     Ticket,
 )
+from pio_vllm.cost.request_cost import CostModel, RequestCost
 from pio_vllm.cost.vision_tokens import vision_tokens
+from pio_vllm.engine.batch_tuning import TuningLoop
 from pio_vllm.engine.stats_probe import EngineStats
 from pio_vllm.engine.vllm_backend import VllmBackend
 from pio_vllm.errors import (
@@ -53,6 +55,7 @@ from pio_vllm.request import (
     RequestTimings,
 )
 from pio_vllm.settings import PioSettings
+from pio_vllm.tuning.batch_tuner import RequestMix, TunerStats
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,7 @@ class _Tracker:
     vllm_id: str = ""
     ticket: Ticket | None = None
     abort_error: PioError | None = None  # set when pio itself aborts it (shutdown)
+    cost: RequestCost | None = None
 
     def timings(self) -> RequestTimings:
         return RequestTimings(
@@ -144,6 +148,7 @@ class EngineSnapshot:
     image_cache: ImageCacheStats
     engine_start_s: float
     admission: AdmissionStats | None
+    tuning: TunerStats | None
 
 
 def _stitch(out: Any, step: _Step, tracker: _Tracker, kind: Any,
@@ -188,6 +193,8 @@ class PioEngine:
         self._backend: VllmBackend | None = None
         self._images: ImageLoader | None = None
         self._admission: AdmissionController | None = None
+        self._costs: CostModel | None = None
+        self._tuning: TuningLoop | None = None
         self._active: dict[str, _Tracker] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._counts = {o: 0 for o in RequestOutcome}
@@ -235,6 +242,11 @@ class PioEngine:
             )
             controller = self._admission
             backend.probe.add_listener(lambda st: controller.update_kv_usage(st.kv_cache_usage))
+        self._costs = CostModel(backend.geometry, backend.block_size)
+        if self._settings.tuning.enabled:
+            self._tuning = TuningLoop(
+                self._settings.tuning, backend, self._admission, self._request_mix,
+                admission.kv_high_watermark, self._registry)
         levels = {c.level for c in self._settings.priority_classes.values()}
         if self._backend.scheduling_policy != "priority" and len(levels) > 1:
             logger.warning(
@@ -250,6 +262,8 @@ class PioEngine:
         self._closed = True
         if self._admission is not None:
             self._admission.close()
+        if self._tuning is not None:
+            await self._tuning.aclose()
         backend, self._backend = self._backend, None
         if backend is not None:
             for tracker in list(self._active.values()):
@@ -290,6 +304,7 @@ class PioEngine:
             image_cache=self._images.stats(),
             engine_start_s=backend.start_s,
             admission=self._admission.stats() if self._admission is not None else None,
+            tuning=self._tuning.stats() if self._tuning is not None else None,
         )
 
     @property
@@ -318,6 +333,11 @@ class PioEngine:
             tracker.abort_error = EngineNotRunningError(f"request {tracker.request_id}: {reason}")
             if tracker.submitted_at is not None:
                 await backend.abort(tracker.vllm_id or tracker.request_id)
+
+    @property
+    def tuning(self) -> TuningLoop | None:
+        """The batch-tuning loop (None unless tuning.enabled)."""
+        return self._tuning
 
     @property
     def admission(self) -> AdmissionController | None:
@@ -432,6 +452,8 @@ class PioEngine:
             tracker.prompt_tokens, tracker.vision_tokens = (
                 prepared.prompt_tokens, prepared.vision_tokens)
             tracker.images = prepared.image_infos
+            tracker.cost = self._cost(prepared.prompt_tokens, prepared.vision_tokens,
+                                      prepared.sampling_params, prepared.priority_class)
             async for step in self._serve(self._submission(prepared), tracker):
                 if not step.final:
                     yield PioOutput(rid, step.delta, step.new_ids, finished=False)
@@ -520,6 +542,10 @@ class PioEngine:
             priority=priority, deadline_at=deadline_at, preemptible=preemptible,
             vllm_kwargs=dict(vllm_kwargs or {}),
         )
+        placeholders = (engine_input.get("mm_placeholders") or {}).get("image") or []
+        tracker.cost = self._cost(len(engine_input.get("prompt_token_ids") or ()),
+                                  sum(int(getattr(p, "length", 0)) for p in placeholders),
+                                  sampling_params, priority_class)
         self._active[request_id] = tracker
         outcome = RequestOutcome.FAILED
         try:
@@ -550,6 +576,27 @@ class PioEngine:
                 f"request {rid}: deadline passed during intake (images, prompt)"
             ) from e
 
+    def _cost(self, prompt_tokens: int, vision_tokens: int, params: Any,
+              class_name: str | None) -> RequestCost:
+        assert self._costs is not None
+        max_tokens = getattr(params, "max_tokens", None) or max(
+            1, self.backend.max_model_len - prompt_tokens)
+        return self._costs.cost_from_tokens(prompt_tokens=prompt_tokens,
+                                            vision_tokens=vision_tokens,
+                                            max_tokens=int(max_tokens), class_name=class_name)
+
+    def _request_mix(self) -> RequestMix:
+        costs = [t.cost for t in self._active.values() if t.cost is not None]
+        if not costs:
+            return RequestMix(0, 0.0, 0.0)
+        with_images = [c.vision_tokens for c in costs if c.vision_tokens]
+        return RequestMix(
+            requests=len(costs),
+            mean_kv_blocks=sum(c.kv_blocks for c in costs) / len(costs),
+            mean_image_vision_tokens=sum(with_images) / len(with_images) if with_images
+            else 0.0,
+        )
+
     async def _serve(
         self, sub: _Submission, tracker: _Tracker, ticket: Ticket | None = None
     ) -> AsyncIterator[_Step]:
@@ -558,6 +605,8 @@ class PioEngine:
         the caller reserved with `AdmissionController.reserve` (None: take one here)."""
         admission = self._admission
         release = Release.FAILED
+        if self._tuning is not None:
+            self._tuning.ensure_started()
         timer = self._arm_deadline(sub.deadline_at, tracker)
         try:
             if admission is not None:
@@ -574,6 +623,10 @@ class PioEngine:
                     yield step
                 if not tracker.preempted:
                     release = Release.COMPLETED
+                    if (self._costs is not None and sub.preemptible
+                            and tracker.finish_reason != "abort"):
+                        self._costs.observe_output(tracker.priority_class,
+                                                   len(tracker.token_ids))
                     return
                 # Preempted: give the slot back, wait for a new one, resume.
                 assert admission is not None and ticket is not None

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.23", "0.32")
 
+# pio's scheduler subclass (patches/batch_limit_scheduler.py), selected by `scheduler_cls`.
+BATCH_LIMIT_SCHEDULER = "pio_vllm_patches.batch_limit_scheduler.BatchLimitScheduler"
+
 
 def _validation_errors() -> tuple[type[Exception], ...]:
     """Exception types vLLM raises for an invalid request (0.23: ValueError; 0.32 adds
@@ -84,6 +87,14 @@ def build_engine_args(settings: PioSettings, model_path: str) -> Any:
         )
     kwargs = dict(settings.engine)
     kwargs["model"] = model_path
+    if settings.tuning.enabled:
+        current = kwargs.get("scheduler_cls")
+        if current not in (None, BATCH_LIMIT_SCHEDULER):
+            raise ConfigError(
+                f"engine.scheduler_cls={current!r} conflicts with tuning.enabled, which runs "
+                f"vLLM with {BATCH_LIMIT_SCHEDULER}; unset one of them"
+            )
+        kwargs["scheduler_cls"] = BATCH_LIMIT_SCHEDULER
     try:
         return AsyncEngineArgs(**kwargs)
     except (TypeError, ValueError) as e:
@@ -148,7 +159,12 @@ class VllmBackend:
             int(mm_config.get_limit_per_prompt("image")) if mm_config is not None else 0
         )
         self.scheduling_policy: str = str(llm.vllm_config.scheduler_config.policy)
-        self.max_num_seqs: int = int(llm.vllm_config.scheduler_config.max_num_seqs)
+        scheduler_config = llm.vllm_config.scheduler_config
+        self.max_num_seqs: int = int(scheduler_config.max_num_seqs)
+        self.max_num_batched_tokens: int = int(scheduler_config.max_num_batched_tokens)
+        self.block_size: int = int(llm.vllm_config.cache_config.block_size)
+        blocks = getattr(llm.vllm_config.cache_config, "num_gpu_blocks", None)
+        self.kv_blocks_total: int | None = int(blocks) if blocks else None
         self.geometry = _read_geometry(model_path, settings.engine)
         self.tokenizer = self._get_tokenizer()
         self.image_token_id: int | None = getattr(
@@ -329,6 +345,15 @@ class VllmBackend:
                 )
             return InvalidRequestError(f"request {request_id} rejected by vLLM: {message}")
         return None
+
+    async def batch_limits(self, max_active: int | None, max_tokens: int | None,
+                           token_floor: int | None) -> dict[str, Any]:
+        """Set BatchLimitScheduler's limits in the EngineCore and collect its step samples
+        (an engine-core utility call to the method patches/engine_core_batch_limits.py adds;
+        `call_utility_async` exists in vLLM 0.23 and 0.32)."""
+        result: dict[str, Any] = await self._llm.engine_core.call_utility_async(
+            "pio_batch_limits", max_active, max_tokens, token_floor)
+        return result
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

@@ -1,0 +1,109 @@
+"""TuningLoop: applies BatchTuner's limits to pio's admission window and vLLM's scheduler
+(frontend process, asyncio; one background task owned here).
+
+Every `tuning.interval_s` it makes one engine-core utility call (`pio_batch_limits`,
+patches/engine_core_batch_limits.py) that sets BatchLimitScheduler's limits for the next
+steps and returns the steps measured since the previous call; the samples feed the tuner,
+whose next decision (for the mix of requests pio holds) becomes the admission window and,
+on the next call, the scheduler's limits. Decisions and the fitted model are in
+`PioEngine.stats().tuning` and in Prometheus (`pio_batch_*`, `pio_step_model_*`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pio_vllm.admission.controller import AdmissionController
+from pio_vllm.engine.vllm_backend import VllmBackend
+from pio_vllm.settings import TuningSettings
+from pio_vllm.tuning.batch_tuner import (
+    BatchLimits,
+    BatchTuner,
+    RequestMix,
+    StepSample,
+    TunerStats,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TuningLoop:
+    def __init__(self, settings: TuningSettings, backend: VllmBackend,
+                 admission: AdmissionController | None, mix: Callable[[], RequestMix],
+                 kv_high_watermark: float, registry: Any | None) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._admission = admission
+        self._mix = mix
+        static = BatchLimits(backend.max_num_seqs, backend.max_num_batched_tokens)
+        self.tuner = BatchTuner(
+            settings, static, kv_blocks_total=backend.kv_blocks_total,
+            kv_high_watermark=kv_high_watermark,
+            token_floor=min(settings.min_step_tokens, backend.max_num_batched_tokens))
+        self._task: asyncio.Task[None] | None = None
+        self.engine_limits: dict[str, Any] = {}
+        self._gauges = _Gauges(registry) if registry is not None else None
+
+    def ensure_started(self) -> None:
+        """Start the loop in the running event loop (first request; idempotent)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="pio-tuning")
+            self._task.add_done_callback(self._done)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def stats(self) -> TunerStats:
+        return self.tuner.stats()
+
+    async def step(self) -> BatchLimits:
+        """One round: push the current limits, pull samples, decide the next limits."""
+        limits = self.tuner.limits
+        result = await self._backend.batch_limits(
+            limits.max_active, limits.max_tokens, self.tuner.token_floor)
+        self.engine_limits = {k: v for k, v in result.items() if k != "samples"}
+        self.tuner.observe(StepSample(*s) for s in result.get("samples", ()))
+        new = self.tuner.decide(self._mix())
+        if self._admission is not None and self._admission.window != new.max_active:
+            self._admission.set_window(new.max_active)
+        if self._gauges is not None:
+            self._gauges.update(self.tuner.stats())
+        return new
+
+    async def _run(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self._settings.interval_s)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("batch tuning stopped; static limits stay in force",
+                         exc_info=task.exception())
+
+
+class _Gauges:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Gauge
+
+        self.max_active = Gauge("pio_batch_max_active",
+                                "Requests allowed to run at once (tuned)", registry=registry)
+        self.max_tokens = Gauge("pio_batch_max_tokens",
+                                "Tokens scheduled per engine step (tuned)", registry=registry)
+        self.model = Gauge("pio_step_model", "Fitted engine step-time model",
+                           ["term"], registry=registry)
+
+    def update(self, stats: TunerStats) -> None:
+        self.max_active.set(stats.limits.max_active)
+        self.max_tokens.set(stats.limits.max_tokens)
+        if stats.model is not None:
+            self.model.labels("base_seconds").set(stats.model.base_s)
+            self.model.labels("per_token_seconds").set(stats.model.per_token_s)
+            self.model.labels("per_vision_token_seconds").set(stats.model.per_vision_token_s)
+            self.model.labels("r2").set(stats.model.r2)

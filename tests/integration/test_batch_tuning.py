@@ -1,0 +1,74 @@
+"""Batch tuning on real vLLM (CPU): BatchLimitScheduler's limits change at runtime through
+the engine-core utility call, and the tuning loop fits the engine's step time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from pio_vllm.engine.pio_engine import PioEngine
+from pio_vllm.request import PioRequest
+from pio_vllm.tuning.batch_tuner import StepSample
+from tests.helpers import noise_image, tiny_settings
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def tuned_engine() -> AsyncIterator[PioEngine]:
+    settings = tiny_settings()
+    settings = settings.model_copy(update={
+        "tuning": settings.tuning.model_copy(update={
+            "enabled": True, "interval_s": 0.1, "min_samples": 16, "tpot_target_s": 0.05}),
+        "vllm_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+    })
+    async with PioEngine(settings) as engine:
+        yield engine
+
+
+def requests(n: int, tokens: int, images: bool = False) -> list[PioRequest]:
+    return [PioRequest(prompt=f"count {i}", images=[noise_image(320 + 32 * i, 240, i)]
+                       if images else [],
+                       sampling={"max_tokens": tokens, "ignore_eos": True, "temperature": 0})
+            for i in range(n)]
+
+
+async def test_tuning_loop_fits_step_time_and_applies_limits(tuned_engine: PioEngine) -> None:
+    loop = tuned_engine.tuning
+    assert loop is not None
+    await tuned_engine.generate_batch(requests(8, 48, images=True) + requests(8, 48))
+    await asyncio.sleep(0.3)  # one more round trip after the traffic
+    stats = tuned_engine.stats().tuning
+    assert stats is not None and stats.decisions > 0
+    assert stats.model is not None and stats.model.samples >= 16
+    assert stats.model.per_token_s > 0
+    # what the scheduler runs with is what the tuner chose (pushed on the next round)
+    pushed = loop.tuner.limits
+    await loop.step()
+    assert (loop.engine_limits["max_active"], loop.engine_limits["max_tokens"]) == (
+        pushed.max_active, pushed.max_tokens)
+    print("fitted step model:", stats.model, "limits:", stats.limits)
+    assert tuned_engine.admission is not None
+    assert tuned_engine.admission.window == loop.tuner.limits.max_active
+
+
+async def test_runtime_cap_bounds_running_requests(tuned_engine: PioEngine) -> None:
+    loop = tuned_engine.tuning
+    assert loop is not None and tuned_engine.admission is not None
+    await loop.aclose()  # hold the limits still: no tuner decisions during this test
+    backend = tuned_engine.backend
+    tuned_engine.admission.set_window(8)  # pio lets all 8 into vLLM ...
+    await backend.batch_limits(2, None, None)  # ... the scheduler runs at most 2
+    await backend.batch_limits(None, None, None)  # drop samples from before the cap
+    await tuned_engine.generate_batch(requests(8, 24))
+    capped = [StepSample(*s) for s in (await backend.batch_limits(5, None, None))["samples"]]
+    assert capped and max(s.requests for s in capped) == 2
+    await tuned_engine.generate_batch(requests(8, 24))
+    raised = [StepSample(*s) for s in (await backend.batch_limits(None, None, None))["samples"]]
+    assert max(s.requests for s in raised) == 5
+    limits = await backend.batch_limits(10_000, 10**9, None)  # never above start buffers
+    assert (limits["max_active"], limits["max_tokens"]) == (
+        backend.max_num_seqs, backend.max_num_batched_tokens)
