@@ -20,6 +20,10 @@ package = false
 TOML
 python3 -m pip install -q uv
 (cd "$env_dir" && uv sync -q)
+# pio itself without its dependencies (they are the 0.23 set above): this registers the
+# vllm.general_plugins entry point that loads patches/ in vLLM's EngineCore.
+uv pip install -q --python "$env_dir/.venv/bin/python" --no-deps -e "$repo"
 cd "$repo"
 VLLM_LOGGING_LEVEL=WARNING PYTHONPATH="$repo" "$env_dir/.venv/bin/python" -m pytest -p no:cacheprovider \
-  -o addopts="" -q tests/integration/test_engine_generate.py tests/integration/test_admission_engine.py
+  -o addopts="" -q tests/integration/test_engine_generate.py tests/integration/test_admission_engine.py \
+  tests/integration/test_batch_tuning.py

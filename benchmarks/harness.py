@@ -23,6 +23,7 @@ from typing import Any
 from pio_vllm.admission.metrics import percentile
 
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,62 @@ class BenchRequest:
     text: str
     max_tokens: int
     arrival_s: float  # offset from the start of the run
+    images: tuple[tuple[int, int, int], ...] = ()  # (width, height, seed) of noise images
+
+    def prompt(self) -> str:
+        return PROMPT.format(IMAGE_PLACEHOLDER * len(self.images) + self.text)
 
 
-def summarise(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+def make_images(work: list[BenchRequest]) -> dict[str, list[Any]]:
+    """The PIL images of each request, built before the run (same pixels on both sides)."""
+    import numpy as np
+    from PIL import Image
+
+    out: dict[str, list[Any]] = {}
+    for req in work:
+        out[req.request_id] = [
+            Image.fromarray(np.random.default_rng(seed).integers(
+                0, 256, (h, w, 3), dtype=np.uint8))
+            for w, h, seed in req.images]
+    return out
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Targets a request must meet to count toward goodput."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def met(self, row: dict[str, Any]) -> bool:
+        return bool(row["ok"] and row["ttft_s"] is not None and row["ttft_s"] <= self.ttft_s
+                    and (row.get("tpot_s") or 0.0) <= self.tpot_s)
+
+
+def summarise(rows: list[dict[str, Any]], wall_s: float,
+              slo: Slo | None = None) -> dict[str, Any]:
     """Per-class and overall numbers from per-request rows."""
     out_tokens = sum(r["output_tokens"] for r in rows if r["ok"])
+    tpots = [r["tpot_s"] for r in rows if r["ok"] and r.get("tpot_s") is not None]
+    ttfts_all = [r["ttft_s"] for r in rows if r["ok"] and r["ttft_s"] is not None]
     summary: dict[str, Any] = {
         "requests": len(rows),
         "ok": sum(1 for r in rows if r["ok"]),
         "wall_s": round(wall_s, 3),
         "output_tokens": out_tokens,
         "output_tok_per_s": round(out_tokens / wall_s, 1) if wall_s > 0 else None,
+        "ttft_p50_s": _round(percentile(ttfts_all, 50)),
+        "ttft_p99_s": _round(percentile(ttfts_all, 99)),
+        "tpot_p50_s": _round(percentile(tpots, 50)),
+        "tpot_p99_s": _round(percentile(tpots, 99)),
+        "errors": sorted({str(r.get("error")).split(":")[0] for r in rows if not r["ok"]}),
         "classes": {},
     }
+    if slo is not None:
+        met = sum(1 for r in rows if slo.met(r))
+        summary["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}
+        summary["slo_met"] = met
+        summary["goodput_req_per_s"] = round(met / wall_s, 3) if wall_s > 0 else None
     for cls in sorted({r["priority_class"] for r in rows}):
         ttfts = [r["ttft_s"] for r in rows if r["priority_class"] == cls and r["ttft_s"]]
         e2e = [r["e2e_s"] for r in rows if r["priority_class"] == cls and r["ok"]]
@@ -82,7 +126,14 @@ async def _replay(work: list[BenchRequest], submit: Any) -> tuple[list[dict[str,
     return list(rows), time.perf_counter() - t0
 
 
-async def run_plain(settings_path: str, work: list[BenchRequest]) -> dict[str, Any]:
+def _tpot(first_at: float | None, last_at: float | None, n: int) -> float | None:
+    if first_at is None or last_at is None or n < 2:
+        return None
+    return (last_at - first_at) / (n - 1)
+
+
+async def run_plain(settings_path: str, work: list[BenchRequest],
+                    slo: Slo | None = None) -> dict[str, Any]:
     """Plain vLLM AsyncLLM with the same engine arguments and priorities."""
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -93,26 +144,34 @@ async def run_plain(settings_path: str, work: list[BenchRequest]) -> dict[str, A
     settings = PioSettings.load(settings_path)
     for k, v in settings.vllm_env.items():
         os.environ[k] = v
-    llm = AsyncLLM.from_engine_args(build_engine_args(settings, resolve_model(settings)))
+    # Plain vLLM: vLLM's own default scheduler, whatever pio's tuning settings say.
+    plain = settings.model_copy(update={
+        "tuning": settings.tuning.model_copy(update={"enabled": False})})
+    llm = AsyncLLM.from_engine_args(build_engine_args(plain, resolve_model(settings)))
+    images = make_images(work)
 
     async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0)
-        ttft, n = None, 0
-        async for out in llm.generate({"prompt": PROMPT.format(req.text)}, params,
-                                      req.request_id, priority=req.level):
+        ttft, n, first_at = None, 0, None
+        prompt: dict[str, Any] = {"prompt": req.prompt()}
+        if req.images:
+            prompt["multi_modal_data"] = {"image": images[req.request_id]}
+        async for out in llm.generate(prompt, params, req.request_id, priority=req.level):
             n = len(out.outputs[0].token_ids)
             if ttft is None and n:
-                ttft = time.perf_counter() - t_arrival
+                first_at = time.perf_counter()
+                ttft = first_at - t_arrival
+        done = time.perf_counter()
         return {"request_id": req.request_id, "priority_class": req.priority_class,
                 "ok": True, "ttft_s": ttft, "output_tokens": n,
-                "e2e_s": time.perf_counter() - t_arrival}
+                "tpot_s": _tpot(first_at, done, n), "e2e_s": done - t_arrival}
 
     try:
         await _warmup_plain(llm)
         rows, wall = await _replay(work, submit)
     finally:
         llm.shutdown()
-    return summarise(rows, wall) | {"rows": rows}
+    return summarise(rows, wall, slo) | {"rows": rows}
 
 
 async def _warmup_plain(llm: Any) -> None:
@@ -123,7 +182,8 @@ async def _warmup_plain(llm: Any) -> None:
         pass
 
 
-async def run_pio(settings_path: str, work: list[BenchRequest]) -> dict[str, Any]:
+async def run_pio(settings_path: str, work: list[BenchRequest],
+                  slo: Slo | None = None) -> dict[str, Any]:
     """PioEngine with the same settings (admission, preemption as configured)."""
     from pio_vllm.engine.pio_engine import PioEngine
     from pio_vllm.errors import PioError
@@ -131,41 +191,60 @@ async def run_pio(settings_path: str, work: list[BenchRequest]) -> dict[str, Any
     from pio_vllm.settings import PioSettings
 
     settings = PioSettings.load(settings_path)
+    images = make_images(work)
     async with PioEngine(settings) as engine:
         async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
-            ttft, n, pre = None, 0, 0
+            ttft, n, pre, first_at = None, 0, 0, None
             try:
                 async for out in engine.generate(PioRequest(
-                        prompt=PROMPT.format(req.text), raw_prompt=True,
+                        prompt=req.prompt(), raw_prompt=True, images=images[req.request_id],
                         priority=req.priority_class, request_id=req.request_id,
                         sampling={"max_tokens": req.max_tokens, "ignore_eos": True,
                                   "temperature": 0.0})):
                     n += len(out.token_ids)
                     if ttft is None and out.token_ids:
-                        ttft = time.perf_counter() - t_arrival
+                        first_at = time.perf_counter()
+                        ttft = first_at - t_arrival
                     if out.result is not None:
                         pre = out.result.preemptions
                 ok, error = True, None
             except PioError as e:
                 ok, error = False, f"{type(e).__name__}: {e}"
+            done = time.perf_counter()
             return {"request_id": req.request_id, "priority_class": req.priority_class,
                     "ok": ok, "ttft_s": ttft, "output_tokens": n, "preemptions": pre,
-                    "e2e_s": time.perf_counter() - t_arrival, "error": error}
+                    "tpot_s": _tpot(first_at, done, n) if ok else None,
+                    "e2e_s": done - t_arrival, "error": error}
 
         await engine.complete(PioRequest(prompt="warm up", sampling={"max_tokens": 4}))
         rows, wall = await _replay(work, submit)
-        admission = engine.stats().admission
-    result = summarise(rows, wall) | {"rows": rows}
-    if admission is not None:
-        result["admission_window"] = admission.window
+        stats = engine.stats()
+    result = summarise(rows, wall, slo) | {"rows": rows}
+    if stats.admission is not None:
+        result["admission_window"] = stats.admission.window
+        result["shed"] = sum(c.shed for c in stats.admission.classes.values())
+        result["expired"] = sum(c.expired for c in stats.admission.classes.values())
+    if stats.tuning is not None:
+        model = stats.tuning.model
+        result["tuning"] = {
+            "limits": {"max_active": stats.tuning.limits.max_active,
+                       "max_tokens": stats.tuning.limits.max_tokens,
+                       "source": stats.tuning.limits.source.value},
+            "step_model": None if model is None else {
+                "base_s": round(model.base_s, 6), "per_token_s": model.per_token_s,
+                "per_vision_token_s": model.per_vision_token_s, "r2": round(model.r2, 4),
+                "samples": model.samples},
+        }
     return result
 
 
 def run_side_subprocess(side: str, settings_path: str, workload_path: Path,
-                        out_path: Path) -> dict[str, Any]:
+                        out_path: Path, slo: Slo | None = None) -> dict[str, Any]:
     """Run one side in a fresh interpreter and return its JSON."""
     cmd = [sys.executable, "-m", "benchmarks.harness", "--side", side, "--config",
            settings_path, "--workload", str(workload_path), "--out", str(out_path)]
+    if slo is not None:
+        cmd += ["--slo-ttft-s", str(slo.ttft_s), "--slo-tpot-s", str(slo.tpot_s)]
     env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     print(f"  running {side} side ...", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -180,7 +259,13 @@ def write_workload(work: list[BenchRequest], path: Path) -> None:
 
 
 def read_workload(path: Path) -> list[BenchRequest]:
-    return [BenchRequest(**json.loads(line)) for line in path.read_text().splitlines() if line]
+    out = []
+    for line in path.read_text().splitlines():
+        if line:
+            row = json.loads(line)
+            row["images"] = tuple(tuple(i) for i in row.get("images", ()))
+            out.append(BenchRequest(**row))
+    return out
 
 
 def environment(settings_path: str) -> dict[str, Any]:
@@ -215,10 +300,13 @@ def _main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--workload", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--slo-ttft-s", type=float, default=None)
+    ap.add_argument("--slo-tpot-s", type=float, default=None)
     a = ap.parse_args()
     work = read_workload(a.workload)
+    slo = Slo(a.slo_ttft_s, a.slo_tpot_s) if a.slo_ttft_s and a.slo_tpot_s else None
     runner = run_plain if a.side == "plain" else run_pio
-    result = asyncio.run(runner(a.config, work))
+    result = asyncio.run(runner(a.config, work, slo))
     a.out.write_text(json.dumps(result, indent=1))
 
 

@@ -72,8 +72,9 @@ async def wait_idle(server: Server, timeout_s: float = 10) -> str:
     text = ""
     while time.monotonic() < deadline:
         text = scrape(server)
-        busy = (metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting")
-                + metric(text, "pio_running_requests") + metric(text, "pio_queued_requests"))
+        busy = sum(metric(text, name) for name in (
+            "vllm:num_requests_running", "vllm:num_requests_waiting",
+            "pio_running_requests", "pio_queued_requests"))
         if busy == 0:
             return text
         await asyncio.sleep(0.2)

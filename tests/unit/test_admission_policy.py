@@ -25,6 +25,7 @@ CLASSES = {
     "batch": PriorityClass(level=2, max_queue_len=4, weight=1.0),
 }
 LEVEL = {name: c.level for name, c in CLASSES.items()}
+IDLE = {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
 
 
 class FakeClock:
@@ -102,7 +103,7 @@ async def test_higher_class_is_admitted_first_then_fifo() -> None:
         await settle()
         assert eng.admit_order[-1] == rid
         eng.finish(tickets[rid])
-    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
+    assert ctl.held_state() == IDLE
 
 
 def test_aging_lets_a_long_waiting_batch_request_overtake() -> None:
@@ -211,7 +212,7 @@ async def test_cancelling_a_queued_request_only_unqueues_it() -> None:
     await settle()
     assert ctl.stats().queued == 0 and ctl.stats().classes["standard"].cancelled == 1
     eng.finish(running)
-    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
+    assert ctl.held_state() == IDLE
 
 
 def test_victim_is_lowest_class_then_least_progressed() -> None:
@@ -330,7 +331,7 @@ async def test_random_traffic_leaves_no_state() -> None:
         if not task.done():
             task.cancel()
     await settle()
-    assert ctl.held_state() == {"waiting": 0, "admitted": 0, "preempting": 0, "reserved": 0, "class_queues": 0}
+    assert ctl.held_state() == IDLE
     stats = ctl.stats().classes
     assert sum(c.preempted for c in stats.values()) > 0
     assert sum(c.shed for c in stats.values()) == len(eng.shed) > 0
