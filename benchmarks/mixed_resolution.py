@@ -56,7 +56,7 @@ def mixed_requests(n: int, rng: random.Random, arrivals: list[float],
     return out
 
 
-def calibration_workload(seed: int, n: int = 24) -> list[BenchRequest]:
+def calibration_workload(seed: int, n: int = 64) -> list[BenchRequest]:
     return mixed_requests(n, random.Random(seed + 1000), [0.0] * n)
 
 
@@ -129,7 +129,7 @@ def main() -> None:
         configs = {s: str(side_config(a.config, s, slo, tmp / f"{s}.yaml")) for s in SIDES}
         calib = tmp / "calibration.jsonl"
         write_workload(calibration_workload(a.seed), calib)
-        print("calibrating capacity on plain vLLM (burst of 24 mixed requests) ...", flush=True)
+        print("calibrating capacity on plain vLLM (burst of 64 mixed requests) ...", flush=True)
         cal = run_side_subprocess("plain", configs["plain"], calib, tmp / "cal.json")
         capacity = cal["ok"] / cal["wall_s"]
         rate = a.load * capacity

@@ -129,18 +129,25 @@ class BatchTuner:
         tokens = np.array([s.tokens for s in self._samples], dtype=float)
         vision = np.array([s.vision_tokens for s in self._samples], dtype=float)
         y = np.array([s.step_s for s in self._samples], dtype=float)
-        columns = [np.ones(n), tokens]
-        if vision.any():
-            columns.append(vision)
-        x = np.stack(columns, axis=1)
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        coef = np.maximum(coef, 0.0)  # time never shrinks with more work
-        pred = x @ coef
+        # Non-negative least squares by elimination: a step's tokens include its image
+        # placeholders, so the two work terms are correlated and a free fit can give one a
+        # negative slope; drop such a term and refit rather than clip it (clipping breaks
+        # the fit).
+        terms = {"tokens": tokens, "vision": vision} if vision.any() else {"tokens": tokens}
+        while True:
+            x = np.stack([np.ones(n), *terms.values()], axis=1)
+            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            negative = [name for name, c in zip(terms, coef[1:], strict=True) if c < 0]
+            if not negative:
+                break
+            del terms[negative[0]]
+        base = max(0.0, float(coef[0]))
+        slopes = dict(zip(terms, (float(c) for c in coef[1:]), strict=True))
+        pred = base + sum(slopes[name] * terms[name] for name in terms)
         ss_res = float(((y - pred) ** 2).sum())
         ss_tot = float(((y - y.mean()) ** 2).sum())
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-        per_vision = float(coef[2]) if len(coef) > 2 else 0.0
-        return StepModel(float(coef[0]), float(coef[1]), per_vision, r2, n)
+        return StepModel(base, slopes.get("tokens", 0.0), slopes.get("vision", 0.0), r2, n)
 
     def decide(self, mix: RequestMix) -> BatchLimits:
         """The limits for the next interval (smoothed towards the target)."""

@@ -134,3 +134,21 @@ def test_cost_model_prices_images_and_learns_output_lengths() -> None:
     assert model.expected_output_tokens("batch", 256) == 46  # p90 of 40..47
     assert model.expected_output_tokens("batch", 10) == 10  # never above max_tokens
     assert model.expected_output_tokens("interactive", 256) == 256  # per class
+
+
+def test_correlated_terms_are_dropped_not_clipped() -> None:
+    """Image placeholders are part of a step's tokens: when vision tokens carry no extra
+    cost the free fit may give them a negative slope; the term is dropped and refitted."""
+    rng = random.Random(3)
+    samples = []
+    for _ in range(200):
+        vision = rng.choice([0, 300, 1200])
+        tokens = vision + rng.randint(1, 600)
+        samples.append(StepSample(tokens, vision, 4,
+                                  (0.004 + 3e-5 * tokens) * (1 + rng.gauss(0, 0.02))))
+    t = tuner()
+    t.observe(samples)
+    model = t.fit()
+    assert model is not None and model.r2 > 0.9
+    assert model.per_token_s == pytest.approx(3e-5, rel=0.1)
+    assert model.per_vision_token_s >= 0
