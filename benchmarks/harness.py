@@ -84,6 +84,10 @@ def summarise(rows: list[dict[str, Any]], wall_s: float,
         "ttft_p99_s": _round(percentile(ttfts_all, 99)),
         "tpot_p50_s": _round(percentile(tpots, 50)),
         "tpot_p99_s": _round(percentile(tpots, 99)),
+        **_pcts("ttft", ttfts_all), **_pcts("tpot", tpots),
+        **_pcts("itl", [g for r in rows if r["ok"] for g in r.get("itl_s") or ()]),
+        **_pcts("e2e", [r["e2e_s"] for r in rows if r["ok"]]),
+        **_pcts("pio_intake", [r["intake_s"] for r in rows if r.get("intake_s") is not None]),
         "errors": sorted({str(r.get("error")).split(":")[0] for r in rows if not r["ok"]}),
         "classes": {},
     }
@@ -99,31 +103,72 @@ def summarise(rows: list[dict[str, Any]], wall_s: float,
             "n": sum(1 for r in rows if r["priority_class"] == cls),
             "ok": sum(1 for r in rows if r["priority_class"] == cls and r["ok"]),
             "ttft_p50_s": _round(percentile(ttfts, 50)),
+            "ttft_p90_s": _round(percentile(ttfts, 90)),
             "ttft_p99_s": _round(percentile(ttfts, 99)),
             "ttft_max_s": _round(max(ttfts) if ttfts else None),
             "e2e_p50_s": _round(percentile(e2e, 50)),
+            "e2e_p99_s": _round(percentile(e2e, 99)),
             "preemptions": sum(r.get("preemptions", 0) for r in rows
                                if r["priority_class"] == cls),
         }
+        if slo is not None:
+            summary["classes"][cls]["slo_met"] = sum(
+                1 for r in rows if r["priority_class"] == cls and slo.met(r))
     return summary
+
+
+def _pcts(name: str, values: list[float]) -> dict[str, float | None]:
+    return {f"{name}_p{q}_s": _round(percentile(values, q)) for q in (50, 90, 99)}
 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-async def _replay(work: list[BenchRequest], submit: Any) -> tuple[list[dict[str, Any]], float]:
-    """Fire each request at its arrival offset; `submit(req, t_arrival)` returns a row."""
+async def _replay(work: list[BenchRequest], submit: Any,
+                  concurrency: int | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Fire each request at its arrival offset, or (closed loop, `concurrency` set) as soon
+    as one of `concurrency` slots frees; `submit(req, t_arrival)` returns a row."""
     t0 = time.perf_counter()
+    gate = asyncio.Semaphore(concurrency) if concurrency else None
+    progress = _Progress(len(work))
 
     async def one(req: BenchRequest) -> dict[str, Any]:
+        if gate is not None:
+            async with gate:
+                row = dict(await submit(req, time.perf_counter()))
+                progress.tick()
+                return row
         delay = req.arrival_s - (time.perf_counter() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
-        return dict(await submit(req, t0 + req.arrival_s))
+        row = dict(await submit(req, t0 + req.arrival_s))
+        progress.tick()
+        return row
 
     rows = await asyncio.gather(*(one(r) for r in work))
+    progress.close()
+    for row in rows:  # times relative to the start of the run (for throughput over time)
+        for key in ("first_at", "done_at"):
+            if row.get(key) is not None:
+                row[key] = round(row[key] - t0, 4)
     return list(rows), time.perf_counter() - t0
+
+
+class _Progress:
+    """A progress bar on stderr (tqdm, which vLLM installs)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc="requests", unit="req", file=sys.stderr,
+                         mininterval=1.0, leave=False)
+
+    def tick(self) -> None:
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def _tpot(first_at: float | None, last_at: float | None, n: int) -> float | None:
@@ -133,7 +178,7 @@ def _tpot(first_at: float | None, last_at: float | None, n: int) -> float | None
 
 
 async def run_plain(settings_path: str, work: list[BenchRequest],
-                    slo: Slo | None = None) -> dict[str, Any]:
+                    slo: Slo | None = None, concurrency: int | None = None) -> dict[str, Any]:
     """Plain vLLM AsyncLLM with the same engine arguments and priorities."""
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -152,23 +197,29 @@ async def run_plain(settings_path: str, work: list[BenchRequest],
 
     async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0)
-        ttft, n, first_at = None, 0, None
+        ttft, n, first_at, gaps, last = None, 0, None, [], None
         prompt: dict[str, Any] = {"prompt": req.prompt()}
         if req.images:
             prompt["multi_modal_data"] = {"image": images[req.request_id]}
-        async for out in llm.generate(prompt, params, req.request_id, priority=req.level):
+        async for out in llm.generate(prompt, params, req.request_id, priority=req.level):  # type: ignore[arg-type]
+            now = time.perf_counter()
+            if len(out.outputs[0].token_ids) > n and last is not None:
+                gaps.append(now - last)
+            if len(out.outputs[0].token_ids) > n:
+                last = now
             n = len(out.outputs[0].token_ids)
             if ttft is None and n:
-                first_at = time.perf_counter()
+                first_at = now
                 ttft = first_at - t_arrival
         done = time.perf_counter()
         return {"request_id": req.request_id, "priority_class": req.priority_class,
-                "ok": True, "ttft_s": ttft, "output_tokens": n,
+                "ok": True, "ttft_s": ttft, "output_tokens": n, "itl_s": gaps,
+                "first_at": first_at, "done_at": done,
                 "tpot_s": _tpot(first_at, done, n), "e2e_s": done - t_arrival}
 
     try:
         await _warmup_plain(llm)
-        rows, wall = await _replay(work, submit)
+        rows, wall = await _replay(work, submit, concurrency)
     finally:
         llm.shutdown()
     return summarise(rows, wall, slo) | {"rows": rows}
@@ -183,7 +234,7 @@ async def _warmup_plain(llm: Any) -> None:
 
 
 async def run_pio(settings_path: str, work: list[BenchRequest],
-                  slo: Slo | None = None) -> dict[str, Any]:
+                  slo: Slo | None = None, concurrency: int | None = None) -> dict[str, Any]:
     """PioEngine with the same settings (admission, preemption as configured)."""
     from pio_vllm.engine.pio_engine import PioEngine
     from pio_vllm.errors import PioError
@@ -194,30 +245,37 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
     images = make_images(work)
     async with PioEngine(settings) as engine:
         async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
-            ttft, n, pre, first_at = None, 0, 0, None
+            ttft, n, pre, first_at, gaps, last, intake = None, 0, 0, None, [], None, None
             try:
                 async for out in engine.generate(PioRequest(
                         prompt=req.prompt(), raw_prompt=True, images=images[req.request_id],
                         priority=req.priority_class, request_id=req.request_id,
                         sampling={"max_tokens": req.max_tokens, "ignore_eos": True,
                                   "temperature": 0.0})):
+                    now = time.perf_counter()
+                    if out.token_ids:
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
                     n += len(out.token_ids)
                     if ttft is None and out.token_ids:
-                        first_at = time.perf_counter()
+                        first_at = now
                         ttft = first_at - t_arrival
                     if out.result is not None:
                         pre = out.result.preemptions
+                        intake = out.result.timings.intake_s
                 ok, error = True, None
             except PioError as e:
                 ok, error = False, f"{type(e).__name__}: {e}"
             done = time.perf_counter()
             return {"request_id": req.request_id, "priority_class": req.priority_class,
                     "ok": ok, "ttft_s": ttft, "output_tokens": n, "preemptions": pre,
-                    "tpot_s": _tpot(first_at, done, n) if ok else None,
+                    "tpot_s": _tpot(first_at, done, n) if ok else None, "itl_s": gaps,
+                    "first_at": first_at, "done_at": done, "intake_s": intake,
                     "e2e_s": done - t_arrival, "error": error}
 
         await engine.complete(PioRequest(prompt="warm up", sampling={"max_tokens": 4}))
-        rows, wall = await _replay(work, submit)
+        rows, wall = await _replay(work, submit, concurrency)
         stats = engine.stats()
     result = summarise(rows, wall, slo) | {"rows": rows}
     if stats.admission is not None:
@@ -239,17 +297,20 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
 
 
 def run_side_subprocess(side: str, settings_path: str, workload_path: Path,
-                        out_path: Path, slo: Slo | None = None) -> dict[str, Any]:
+                        out_path: Path, slo: Slo | None = None,
+                        concurrency: int | None = None) -> dict[str, Any]:
     """Run one side in a fresh interpreter and return its JSON."""
     cmd = [sys.executable, "-m", "benchmarks.harness", "--side", side, "--config",
            settings_path, "--workload", str(workload_path), "--out", str(out_path)]
     if slo is not None:
         cmd += ["--slo-ttft-s", str(slo.ttft_s), "--slo-tpot-s", str(slo.tpot_s)]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
     env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     print(f"  running {side} side ...", flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # progress: stderr
     if proc.returncode != 0:
-        raise RuntimeError(f"{side} side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{side} side failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
     data: dict[str, Any] = json.loads(out_path.read_text())
     return data
 
@@ -302,11 +363,12 @@ def _main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--slo-ttft-s", type=float, default=None)
     ap.add_argument("--slo-tpot-s", type=float, default=None)
+    ap.add_argument("--concurrency", type=int, default=None, help="closed loop")
     a = ap.parse_args()
     work = read_workload(a.workload)
     slo = Slo(a.slo_ttft_s, a.slo_tpot_s) if a.slo_ttft_s and a.slo_tpot_s else None
     runner = run_plain if a.side == "plain" else run_pio
-    result = asyncio.run(runner(a.config, work, slo))
+    result = asyncio.run(runner(a.config, work, slo, a.concurrency))
     a.out.write_text(json.dumps(result, indent=1))
 
 

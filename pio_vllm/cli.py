@@ -2,6 +2,7 @@
 
     pio-vllm demo [--config FILE] [--model PATH_OR_ID] [--requests N] [--max-tokens N]
     pio-vllm serve [--config FILE] [vllm serve flags ...]
+    pio-vllm bench SCENARIO [--mode inproc|server] [--repeats N] [--preset P]
     pio-vllm make-model DIR [--preset tiny|qwen3-vl-2b] [--seed N] [--overwrite]
 """
 
@@ -71,6 +72,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args.rest, str(default_config_path()))
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    # The benchmarks live in the source checkout next to the package, not in the wheel.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "scenarios.py").is_file():
+        print("pio-vllm bench runs from a source checkout (benchmarks/ not found)",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    os.chdir(root)
+    from benchmarks.scenarios import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pio-vllm",
@@ -97,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--config FILE (pio settings) and any `vllm serve` flag")
     serve.set_defaults(func=_cmd_serve)
 
+    bench = sub.add_parser(
+        "bench", add_help=False,
+        help="A/B benchmark against plain vLLM: overhead, priority-inversion, "
+        "mixed-resolution, burst-overload, smoke (`pio-vllm bench --help`)",
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_cmd_bench)
+
     make = sub.add_parser("make-model", help="write a random-weight Qwen3-VL checkpoint")
     make.add_argument("dir", type=Path, help="output directory")
     make.add_argument("--preset", default="tiny", choices=["tiny", "qwen3-vl-2b"])
@@ -110,15 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     head = [a for a in argv if a not in ("-v", "--verbose")]
-    if head[:1] == ["serve"]:
-        # vLLM's flags start with "--"; argparse's REMAINDER would not collect them.
-        parser = build_parser()
-        args = argparse.Namespace(verbose=True, command="serve", func=_cmd_serve,
-                                  rest=head[1:])
-        del parser
+    if head[:1] in (["serve"], ["bench"]):
+        # Their flags start with "--"; argparse's REMAINDER would not collect them.
+        func = _cmd_serve if head[0] == "serve" else _cmd_bench
+        args = argparse.Namespace(verbose=head[0] == "serve" or len(head) != len(argv),
+                                  command=head[0], func=func, rest=head[1:])
     else:
         args = build_parser().parse_args(argv)
-    _quiet_vllm(args.verbose or args.command == "serve")  # a server shows vLLM's logs
+    _quiet_vllm(args.verbose)
     from pio_vllm.errors import PioError
 
     try:

@@ -86,6 +86,12 @@ class RequestTimings:
     submitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    prepared_at: float | None = None  # intake done: prompt rendered, images loaded
+
+    @property
+    def intake_s(self) -> float | None:
+        """pio's own frontend work before admission: rendering, image intake, checks."""
+        return None if self.prepared_at is None else self.prepared_at - self.arrival_at
 
     @property
     def queued_s(self) -> float | None:

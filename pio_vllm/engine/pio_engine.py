@@ -111,6 +111,7 @@ class _Tracker:
     submitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    prepared_at: float | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -130,6 +131,7 @@ class _Tracker:
             arrival_wall=self.arrival_wall,
             arrival_at=self.arrival_at,
             submitted_at=self.submitted_at,
+            prepared_at=self.prepared_at,
             first_token_at=self.first_token_at,
             finished_at=self.finished_at,
         )
@@ -448,6 +450,7 @@ class PioEngine:
         error: BaseException | None = None
         try:
             prepared = await self._prepare_within_deadline(request, rid)
+            tracker.prepared_at = self._clock()
             tracker.priority, tracker.priority_class = prepared.priority, prepared.priority_class
             tracker.prompt_tokens, tracker.vision_tokens = (
                 prepared.prompt_tokens, prepared.vision_tokens)

@@ -156,15 +156,21 @@ class BatchTuner:
         self._model = model
         if model is None:
             return self._fall_back(LimitSource.STATIC_NO_DATA)
-        if model.r2 < self._settings.min_r2 or model.per_token_s <= 0:
+        if model.r2 < self._settings.min_r2:
             return self._fall_back(LimitSource.STATIC_POOR_FIT)
         tpot = self._settings.tpot_target_s
         static = self._static
-        room_s = tpot - model.base_s - model.per_vision_token_s * mix.mean_image_vision_tokens
-        tokens = _floor(room_s / model.per_token_s) if room_s > 0 else 0
-        decode_tokens = _floor((tpot - model.base_s) / model.per_token_s) if (
-            tpot > model.base_s) else 0
-        active = decode_tokens
+        if model.per_token_s > 0:
+            room_s = (tpot - model.base_s
+                      - model.per_vision_token_s * mix.mean_image_vision_tokens)
+            tokens = _floor(room_s / model.per_token_s) if room_s > 0 else 0
+            active = _floor((tpot - model.base_s) / model.per_token_s) if (
+                tpot > model.base_s) else 0
+        else:
+            # Scheduled tokens cost nothing measurable beside the images' encoder work: the
+            # token budget and the decode batch are not what limits TPOT; keep them static
+            # (only the KV cache bounds the batch).
+            tokens, active = static.max_tokens, static.max_active
         if self._kv_blocks_total and mix.mean_kv_blocks > 0:
             fit_kv = _floor(
                 self._kv_blocks_total * self._kv_high_watermark / mix.mean_kv_blocks)

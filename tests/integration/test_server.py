@@ -287,6 +287,26 @@ async def test_preempted_requests_resume_with_identical_output(server: Server) -
     await wait_idle(server)
 
 
+def test_vllm_bench_serve_client_works_against_pio(server: Server, tiny_model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's own benchmark client (vllm.benchmarks.serve) runs unchanged against pio."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    monkeypatch.setenv("OPENAI_API_KEY", "key-plain")
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--base-url", server.base_url, "--model", MODEL, "--tokenizer", str(tiny_model_dir),
+        "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16",
+        "--num-prompts", "8", "--request-rate", "inf", "--ignore-eos", "--disable-tqdm",
+    ])
+    result = bench_serve(args)
+    assert result["completed"] == 8, result
+    assert result["total_output_tokens"] == 8 * 16
+
+
 def test_sigterm_drains_then_exits_0(server: Server) -> None:
     """Runs last in this module: it stops the shared server."""
     c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="key-plain", max_retries=0)

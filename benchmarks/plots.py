@@ -1,0 +1,63 @@
+"""PNG plots of one A/B run: TTFT CDF per class and side, output throughput over time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_runs(run: dict[str, dict[str, Any]], stem: Path, title: str) -> list[Path]:
+    """`run`: side name -> result with per-request `rows`. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side, result in run.items():
+        rows = result.get("rows") or []
+        for cls in sorted({r["priority_class"] for r in rows}):
+            ttfts = sorted(r["ttft_s"] for r in rows
+                           if r["priority_class"] == cls and r["ok"] and r["ttft_s"] is not None)
+            if not ttfts:
+                continue
+            ys = [(i + 1) / len(ttfts) for i in range(len(ttfts))]
+            ax.step(ttfts, ys, where="post", label=f"{side} / {cls}")
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (s, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{title}: TTFT CDF")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = stem.with_name(stem.name + "-ttft-cdf.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side, result in run.items():
+        rows = [r for r in result.get("rows") or [] if r["ok"] and r.get("first_at") is not None]
+        if not rows:
+            continue
+        end = max(r["done_at"] for r in rows)
+        bins = [0.0] * (int(end) + 1)
+        for r in rows:  # spread a request's tokens evenly over its decode time
+            span = max(r["done_at"] - r["first_at"], 1e-6)
+            n = r["output_tokens"]
+            for k in range(n):
+                t = r["first_at"] + span * k / max(n - 1, 1)
+                bins[min(int(t), len(bins) - 1)] += 1
+        ax.plot(range(len(bins)), bins, label=side)
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{title}: throughput over time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = stem.with_name(stem.name + "-throughput.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+    return written

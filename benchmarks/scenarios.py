@@ -1,0 +1,131 @@
+"""`pio-vllm bench SCENARIO`: the named A/B scenarios against plain vLLM.
+
+    pio-vllm bench overhead [--mode inproc|server] [--repeats N] [--config FILE]
+                            [--preset qwen3-vl-2b] [--out benchmarks/results/...]
+
+- `overhead`: saturating closed loop (concurrency 2 x max_num_seqs), one class, every request
+  a 448x336 image and 64 tokens: what pio's layer costs. Target: pio >= 0.98x throughput.
+- `burst-overload`: 120 requests at once (20% interactive, 80% batch; ~3x what the engine
+  serves within the TTFT target): plain vLLM queues everything; pio serves within its
+  class queue limits and sheds the rest with Retry-After. Reports SLO met per side.
+- `priority-inversion`, `mixed-resolution`: their own modules (calibration, 3 sides).
+- `smoke`: 10 requests, the CI check that both modes run end to end.
+
+Each side runs in a fresh process with the same engine arguments; results go to
+benchmarks/results/<scenario>-<mode>-<device>.{json,md,png} unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.ab import report, run_ab
+from benchmarks.harness import Slo
+from benchmarks.workload import WorkloadSpec, generate
+
+
+def _derive(base: Path, out: Path, preset: str | None, **sections: Any) -> str:
+    config = yaml.safe_load(base.read_text())
+    if preset:
+        config["engine"]["model"] = f"pio:{preset}"
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    out.write_text(yaml.safe_dump(config))
+    return str(out)
+
+
+def overhead(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
+    config = yaml.safe_load(base.read_text())
+    seqs = int(config["engine"].get("max_num_seqs", 8))
+    spec = WorkloadSpec(n=24 if quick else 96, arrival="closed", concurrency=2 * seqs,
+                        images_per_request={1: 1.0}, image_sizes={"448x336": 1.0},
+                        output_tokens=(64, 64))
+    path = _derive(base, tmp / "overhead.yaml", preset)
+    return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
+            "work": generate(spec), "concurrency": spec.concurrency, "slo": None,
+            "workload": {"spec": repr(spec)}}
+
+
+def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
+    slo = Slo(ttft_s=2.0, tpot_s=0.1)
+    spec = WorkloadSpec(n=40 if quick else 120, arrival="burst",
+                        classes={"interactive": 0.2, "batch": 0.8},
+                        images_per_request={0: 0.5, 1: 0.5}, image_sizes={"448x336": 1.0},
+                        output_tokens=(64, 64))
+    classes = {
+        "interactive": {"level": 0, "max_queue_len": 32, "weight": 4.0,
+                        "max_queue_wait_s": slo.ttft_s},
+        "standard": {"level": 1, "max_queue_len": 64, "weight": 2.0},
+        "batch": {"level": 2, "max_queue_len": 16, "weight": 1.0,
+                  "max_queue_wait_s": slo.ttft_s},
+    }
+    path = _derive(base, tmp / "burst.yaml", preset, priority_classes=classes)
+    return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
+            "work": generate(spec), "concurrency": None, "slo": slo,
+            "workload": {"spec": repr(spec)}}
+
+
+def smoke(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
+    spec = WorkloadSpec(n=10, arrival="poisson", rate_per_s=20.0,
+                        classes={"interactive": 0.3, "batch": 0.7},
+                        images_per_request={0: 0.5, 1: 0.5}, image_sizes={"320x240": 1.0},
+                        output_tokens=(8, 16))
+    path = _derive(base, tmp / "smoke.yaml", preset)
+    return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
+            "work": generate(spec), "concurrency": None, "slo": Slo(5.0, 0.5),
+            "workload": {"spec": repr(spec)}}
+
+
+GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
+    "overhead": overhead, "burst-overload": burst_overload, "smoke": smoke}
+OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
+               "mixed-resolution": "benchmarks.mixed_resolution"}
+
+
+def _device_tag() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = sorted([*GENERIC, *OWN_MODULES])
+    if argv and argv[0] in OWN_MODULES:
+        import importlib
+
+        module = importlib.import_module(OWN_MODULES[argv[0]])
+        sys.argv = [f"pio-vllm bench {argv[0]}", *argv[1:]]
+        module.main()
+        return 0
+    ap = argparse.ArgumentParser(prog="pio-vllm bench", description=__doc__.splitlines()[0])
+    ap.add_argument("scenario", choices=names)
+    ap.add_argument("--mode", choices=["inproc", "server"], default="inproc")
+    ap.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
+    ap.add_argument("--preset", default=None, help="pio:PRESET model instead of the config's")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="fewer requests")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    out = a.out or Path(f"benchmarks/results/{a.scenario}-{a.mode}-{_device_tag()}.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        s = GENERIC[a.scenario](a.config, Path(tmp), a.preset, a.quick)
+        runs = run_ab(s["sides"], s["work"], mode=a.mode, slo=s["slo"],
+                      concurrency=s["concurrency"], repeats=a.repeats)
+        report(a.scenario, runs, mode=a.mode, config=str(a.config), out=out,
+               workload=s["workload"] | {"requests": len(s["work"])}, slo=s["slo"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
