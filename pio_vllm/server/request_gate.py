@@ -172,6 +172,10 @@ class RequestGate:
             level, name = self._engine.resolve_priority(key_class)
             return ServedRequest(level, name, tenant, None), body
         level, name = self._priority(scope, payload, key_class)
+        # vLLM reads the body's `priority` as a level; rewrite the body only when it must
+        # change (a class name there, or fetched images below): re-encoding a body with
+        # megabytes of base64 costs milliseconds on the event loop.
+        rewrite = isinstance(payload.get("priority"), str)
         payload["priority"] = level
         deadline_at = self._deadline(scope)
         served = ServedRequest(level, name, tenant, deadline_at)
@@ -181,12 +185,12 @@ class RequestGate:
             admission.reserve(ticket)  # RequestRejectedError -> 429 before any image work
             served.ticket = ticket
         try:
-            await self._check_images(payload)
+            rewrite = await self._check_images(payload) or rewrite
         except BaseException:
             if served.ticket is not None and admission is not None:
                 admission.cancel_reservation(served.take_ticket())  # type: ignore[arg-type]
             raise
-        return served, json.dumps(payload).encode()
+        return served, json.dumps(payload).encode() if rewrite else body
 
     def _priority(
         self, scope: Scope, payload: dict[str, Any], key_class: str | None
@@ -226,7 +230,8 @@ class RequestGate:
             )
         return time.monotonic() + seconds
 
-    async def _check_images(self, payload: dict[str, Any]) -> None:
+    async def _check_images(self, payload: dict[str, Any]) -> bool:
+        """Check every image part; True if one was rewritten (fetched into a data URL)."""
         parts = [
             part
             for message in payload.get("messages") or []
@@ -235,13 +240,14 @@ class RequestGate:
             if isinstance(part, dict) and part.get("type") == "image_url"
         ]
         if not parts:
-            return
+            return False
         limit = self._settings.images.max_images_per_request
         engine_limit = self._engine.backend.max_images_engine
         limit = engine_limit if limit is None else min(limit, engine_limit)
         if len(parts) > limit:
             raise TooManyImagesError(
                 f"request has {len(parts)} images; at most {limit} per request are accepted")
+        rewritten_any = False
         for i, part in enumerate(parts):
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else image_url
@@ -257,6 +263,8 @@ class RequestGate:
                     image_url["url"] = rewritten
                 else:
                     part["image_url"] = {"url": rewritten}
+                rewritten_any = True
+        return rewritten_any
 
 
 def _header(scope: Scope, name: str) -> str | None:
