@@ -84,6 +84,10 @@ def report(scenario: str, runs: list[dict[str, dict[str, Any]]], *, mode: str,
     return doc
 
 
+def _or_dash(x: object) -> str:
+    return "-" if x is None else str(x)
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}"
 
@@ -103,10 +107,11 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {i} | {name} | {r['ok']}/{r['requests']} | {r['output_tok_per_s']} | "
                 f"{_ms(r['ttft_p50_s'])}/{_ms(r['ttft_p99_s'])} | "
                 f"{_ms(r['tpot_p50_s'])}/{_ms(r['tpot_p99_s'])} | {_ms(r['itl_p99_s'])} | "
-                f"{_ms(r['e2e_p50_s'])} | {r.get('slo_met', '-')} | "
-                f"{r.get('goodput_req_per_s', '-')} | {shed} | "
+                f"{_ms(r['e2e_p50_s'])} | {_or_dash(r.get('slo_met'))} | "
+                f"{_or_dash(r.get('goodput_req_per_s'))} | {shed} | "
                 f"{_ms(r.get('pio_intake_p50_s'))} |")
         for name, c in doc["ratios"][i].items():
+            goodput = "-" if c["goodput"] is None else f"{c['goodput']}x"
             lines.append(f"| {i} | {name} / {next(iter(run))} | | {c['throughput']}x | | | | | "
-                         f"| {c['goodput']}x | | |")
+                         f"| {goodput} | | |")
     return "\n".join(lines)

@@ -448,8 +448,11 @@ class PioEngine:
         self._active[rid] = tracker
         outcome = RequestOutcome.FAILED
         error: BaseException | None = None
+        ticket: Ticket | None = None
         try:
-            prepared = await self._prepare_within_deadline(request, rid)
+            deadline = self._deadline_at(request)
+            ticket = self._reserve(request, rid, deadline)
+            prepared = await self._prepare_within_deadline(request, rid, deadline)
             tracker.prepared_at = self._clock()
             tracker.priority, tracker.priority_class = prepared.priority, prepared.priority_class
             tracker.prompt_tokens, tracker.vision_tokens = (
@@ -457,7 +460,7 @@ class PioEngine:
             tracker.images = prepared.image_infos
             tracker.cost = self._cost(prepared.prompt_tokens, prepared.vision_tokens,
                                       prepared.sampling_params, prepared.priority_class)
-            async for step in self._serve(self._submission(prepared), tracker):
+            async for step in self._serve(self._submission(prepared), tracker, ticket):
                 if not step.final:
                     yield PioOutput(rid, step.delta, step.new_ids, finished=False)
                     continue
@@ -477,6 +480,8 @@ class PioEngine:
             raise
         finally:
             del self._active[rid]
+            if ticket is not None and self._admission is not None:
+                self._admission.cancel_reservation(ticket)  # intake failed before admission
             if tracker.finished_at is None:
                 tracker.finished_at = self._clock()
             self._counts[outcome] += 1
@@ -567,8 +572,18 @@ class PioEngine:
             del self._active[request_id]
             self._counts[outcome] += 1
 
-    async def _prepare_within_deadline(self, request: PioRequest, rid: str) -> PreparedRequest:
-        deadline = self._deadline_at(request)
+    def _reserve(self, request: PioRequest, rid: str, deadline: float | None) -> Ticket | None:
+        """Admission's shed decision before any intake work: a request that will be refused
+        (429-style RequestRejectedError) costs no image decoding."""
+        if self._admission is None:
+            return None
+        level, class_name = self.resolve_priority(request.priority)
+        ticket = self._admission.ticket(rid, level, class_name, deadline)
+        self._admission.reserve(ticket)
+        return ticket
+
+    async def _prepare_within_deadline(self, request: PioRequest, rid: str,
+                                       deadline: float | None) -> PreparedRequest:
         if deadline is None:
             return await self.prepare(request, rid, None)
         try:
