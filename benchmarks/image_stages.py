@@ -62,7 +62,7 @@ def frontend_stages(model_dir: str, width: int, height: int, repeats: int) -> di
             lambda: processor(images=[image.resize((w, h), Image.Resampling.BICUBIC)],
                               return_tensors="pt"), repeats),
         "vllm_hash_s": _median_s(
-            lambda: MultiModalHasher.hash_kwargs(image=image), repeats),
+            lambda: MultiModalHasher.hash_kwargs("blake3", image=image), repeats),
         "serialize_pixel_values_s": _median_s(
             lambda: pickle.dumps(pixel_values.numpy(), protocol=5), repeats),
     }
