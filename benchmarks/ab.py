@@ -68,8 +68,10 @@ def report(scenario: str, runs: list[dict[str, dict[str, Any]]], *, mode: str,
         "scenario": scenario, "mode": mode, "config": config, "workload": workload,
         "slo": None if slo is None else {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "environment": environment(config),
-        "runs": [{name: {k: r.get(k) for k in SUMMARY_KEYS} for name, r in run.items()}
-                 for run in runs],
+        "runs": [{name: {k: r.get(k) for k in SUMMARY_KEYS} | {"requests_detail": [
+            {"id": row["request_id"], "class": row["priority_class"], "ok": row["ok"],
+             "ttft_s": _r4(row.get("ttft_s")), "e2e_s": _r4(row.get("e2e_s"))}
+            for row in r.get("rows") or []]} for name, r in run.items()} for run in runs],
         "ratios": [{name: {
             "throughput": ratio(r["output_tok_per_s"], run[base]["output_tok_per_s"]),
             "goodput": ratio(r.get("goodput_req_per_s"), run[base].get("goodput_req_per_s")),
@@ -82,6 +84,10 @@ def report(scenario: str, runs: list[dict[str, dict[str, Any]]], *, mode: str,
     print(table)
     print(f"wrote {out}, {out.with_suffix('.md')}, " + ", ".join(str(p) for p in pngs))
     return doc
+
+
+def _r4(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _or_dash(x: object) -> str:

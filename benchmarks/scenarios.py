@@ -9,6 +9,9 @@
   serves within the TTFT target): plain vLLM queues everything; pio serves within its
   class queue limits and sheds the rest with Retry-After. Reports SLO met per side.
 - `priority-inversion`, `mixed-resolution`: their own modules (calibration, 3 sides).
+- `image-flood`: a Poisson flood of unique low-priority images (up to 1344x1008) with
+  interactive requests arriving during it; the first two arrive before the flood (their
+  TTFT is the unloaded reference).
 - `smoke`: 10 requests, the CI check that both modes run end to end.
 
 Each side runs in a fresh process with the same engine arguments; results go to
@@ -78,6 +81,34 @@ def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> di
             "workload": {"spec": repr(spec)}}
 
 
+def image_flood(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
+    """Unique low-priority images arrive as a flood; interactive requests arrive during it.
+    The first two interactive requests (t=0, 0.4 s) come before the flood: their TTFT is the
+    unloaded reference."""
+    import random
+
+    from benchmarks.harness import BenchRequest
+
+    rng = random.Random(0)
+    n_low = 16 if quick else 48
+    work = [BenchRequest(f"hi-{i}", "interactive", 0, "what is in the picture", 16, t,
+                         ((224, 224, rng.randrange(1 << 30)),))
+            for i, t in enumerate([0.0, 0.4, *(2.0 + k for k in range(8))])]
+    t = 1.0
+    for i in range(n_low):
+        size = rng.choice([(448, 336), (448, 336), (640, 480), (1344, 1008)])
+        work.append(BenchRequest(f"lo-{i}", "batch", 2, "describe the image in detail", 32,
+                                 round(t, 3), ((size[0], size[1], rng.randrange(1 << 30)),)))
+        t += rng.expovariate(4.0)
+    path = _derive(base, tmp / "flood.yaml", preset)
+    return {"sides": {"plain": ("plain", path), "pio": ("pio", path)}, "work": work,
+            "concurrency": None, "slo": Slo(ttft_s=1.0, tpot_s=0.2),
+            "workload": {"high": "10 interactive (224x224 image, 16 tokens): t=0, 0.4 "
+                                 "(unloaded), then every 1 s from 2 s",
+                         "low": f"{n_low} batch unique images (448x336 .. 1344x1008, 32 "
+                                "tokens), Poisson 4/s from 1 s"}}
+
+
 def smoke(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
     spec = WorkloadSpec(n=10, arrival="poisson", rate_per_s=20.0,
                         classes={"interactive": 0.3, "batch": 0.7},
@@ -90,7 +121,8 @@ def smoke(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, A
 
 
 GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
-    "overhead": overhead, "burst-overload": burst_overload, "smoke": smoke}
+    "overhead": overhead, "burst-overload": burst_overload, "image-flood": image_flood,
+    "smoke": smoke}
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
                "mixed-resolution": "benchmarks.mixed_resolution"}
 
