@@ -141,6 +141,14 @@ def main(argv: list[str], default_config: str | None) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     cli_env_setup()
+    # pio's own handler: vLLM and uvicorn reconfigure logging while the server starts, and
+    # the drain / shutdown lines must still reach the operator.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pio_logger = logging.getLogger("pio_vllm")
+    pio_logger.addHandler(handler)
+    pio_logger.setLevel(logging.INFO)
+    pio_logger.propagate = False
     args, settings = parse_args(argv, default_config)
     uvloop.run(run_server(args, settings))
     return 0
