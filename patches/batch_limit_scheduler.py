@@ -5,10 +5,12 @@ Target: `vllm.v1.core.sched.scheduler.Scheduler` (subclass; nothing of vLLM is m
 vLLM versions verified: 0.32.0 (CPU build, CI), 0.23.0 (the GPU machine's).
 
 What it changes: before each `schedule()`, the cap on requests admitted into RUNNING
-(0.32: `max_num_active_reqs`; 0.23: `max_num_running_reqs`) and the step token budget
-(`max_num_scheduled_tokens`) are set to the limits pio's BatchTuner chose, never above the
-values vLLM sized its buffers for at start (`max_num_seqs`, `max_num_batched_tokens`), and
-never below a floor that still lets the largest image's vision tokens be scheduled. Running
+(0.32: `max_num_active_reqs`; 0.23: `max_num_running_reqs`), the step token budget
+(`max_num_scheduled_tokens`) and the step's vision-encoder budget
+(`max_num_encoder_input_tokens`) are set to the limits pio's BatchTuner chose, never above
+the values vLLM sized its buffers for at start. The encoder budget never drops below the
+largest image waiting to be encoded (vLLM encodes an image whole; a smaller budget would
+starve it), so a low budget means "one large image per step", not "no image". Running
 requests are never preempted by a lowered cap; it only stops new admissions. After each
 step it records (scheduled tokens, encoder tokens, requests, step seconds) for the tuner.
 
@@ -46,6 +48,8 @@ class BatchLimitScheduler(Scheduler):
         self.pio_start_tokens = int(self.max_num_scheduled_tokens)
         self.pio_max_active = self.pio_start_active
         self.pio_max_tokens = self.pio_start_tokens
+        self.pio_start_encoder = int(getattr(self, "max_num_encoder_input_tokens", 0))
+        self.pio_max_encoder = self.pio_start_encoder
         self.pio_token_floor = self.pio_start_tokens
         self.pio_peak_running = 0
         self.pio_samples: collections.deque[tuple[int, int, int, float]] = collections.deque(
@@ -54,8 +58,11 @@ class BatchLimitScheduler(Scheduler):
         self._pio_step_shape: tuple[int, int, int] = (0, 0, 0)
 
     def set_batch_limits(self, max_active: int | None, max_tokens: int | None,
-                         token_floor: int | None = None) -> dict[str, int]:
+                         token_floor: int | None = None,
+                         max_encoder_tokens: int | None = None) -> dict[str, int]:
         """Clamp and store the limits; they apply from the next step. Returns them."""
+        if max_encoder_tokens is not None and self.pio_start_encoder:
+            self.pio_max_encoder = max(1, min(int(max_encoder_tokens), self.pio_start_encoder))
         if token_floor is not None:
             self.pio_token_floor = max(1, min(int(token_floor), self.pio_start_tokens))
         if max_active is not None:
@@ -67,7 +74,9 @@ class BatchLimitScheduler(Scheduler):
 
     def batch_limits(self) -> dict[str, int]:
         return {"max_active": self.pio_max_active, "max_tokens": self.pio_max_tokens,
+                "max_encoder_tokens": self.pio_max_encoder,
                 "start_active": self.pio_start_active, "start_tokens": self.pio_start_tokens,
+                "start_encoder_tokens": self.pio_start_encoder,
                 "peak_running": self.pio_peak_running}
 
     def take_samples(self) -> list[tuple[int, int, int, float]]:
@@ -81,6 +90,11 @@ class BatchLimitScheduler(Scheduler):
             cap = max(cap, len(self.running))
         setattr(self, self._pio_cap_attr, cap)
         self.max_num_scheduled_tokens = self.pio_max_tokens
+        if self.pio_start_encoder and self.pio_max_encoder < self.pio_start_encoder:
+            self.max_num_encoder_input_tokens = min(
+                self.pio_start_encoder, max(self.pio_max_encoder, self._largest_waiting_item()))
+        elif self.pio_start_encoder:
+            self.max_num_encoder_input_tokens = self.pio_start_encoder
         output = super().schedule(*args, **kwargs)
         self.pio_peak_running = max(self.pio_peak_running, len(self.running))
         encoder_tokens = 0
@@ -92,6 +106,15 @@ class BatchLimitScheduler(Scheduler):
                                 len(output.num_scheduled_tokens))
         self._pio_step_started = time.perf_counter()
         return output
+
+    def _largest_waiting_item(self) -> int:
+        """Vision tokens of the largest image a waiting or running request still needs."""
+        largest = 0
+        for queue in (self.waiting, self.running):
+            for request in queue:
+                for i in range(len(request.mm_features or ())):
+                    largest = max(largest, int(request.get_num_encoder_embeds(i)))
+        return largest
 
     def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
         started, self._pio_step_started = self._pio_step_started, None

@@ -27,13 +27,15 @@ METHOD = "pio_batch_limits"
 
 
 def pio_batch_limits(self: Any, max_active: int | None = None, max_tokens: int | None = None,
-                     token_floor: int | None = None) -> dict[str, Any]:
+                     token_floor: int | None = None,
+                     max_encoder_tokens: int | None = None) -> dict[str, Any]:
     scheduler = getattr(self, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "set_batch_limits"):
         raise RuntimeError(
             f"EngineCore scheduler is {type(scheduler).__name__}; pio's batch limits need "
             "scheduler_cls=pio_vllm_patches.batch_limit_scheduler.BatchLimitScheduler")
-    limits: dict[str, Any] = scheduler.set_batch_limits(max_active, max_tokens, token_floor)
+    limits: dict[str, Any] = scheduler.set_batch_limits(
+        max_active, max_tokens, token_floor, max_encoder_tokens)
     limits["samples"] = scheduler.take_samples()
     return limits
 

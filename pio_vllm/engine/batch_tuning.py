@@ -67,7 +67,8 @@ class TuningLoop:
         """One round: push the current limits, pull samples, decide the next limits."""
         limits = self.tuner.limits
         result = await self._backend.batch_limits(
-            limits.max_active, limits.max_tokens, self.tuner.token_floor)
+            limits.max_active, limits.max_tokens, self.tuner.token_floor,
+            limits.max_encoder_tokens)
         self.engine_limits = {k: v for k, v in result.items() if k != "samples"}
         self.tuner.observe(StepSample(*s) for s in result.get("samples", ()))
         new = self.tuner.decide(self._mix())

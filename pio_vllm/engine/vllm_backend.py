@@ -347,12 +347,13 @@ class VllmBackend:
         return None
 
     async def batch_limits(self, max_active: int | None, max_tokens: int | None,
-                           token_floor: int | None) -> dict[str, Any]:
+                           token_floor: int | None,
+                           max_encoder_tokens: int | None = None) -> dict[str, Any]:
         """Set BatchLimitScheduler's limits in the EngineCore and collect its step samples
         (an engine-core utility call to the method patches/engine_core_batch_limits.py adds;
         `call_utility_async` exists in vLLM 0.23 and 0.32)."""
         result: dict[str, Any] = await self._llm.engine_core.call_utility_async(
-            "pio_batch_limits", max_active, max_tokens, token_floor)
+            "pio_batch_limits", max_active, max_tokens, token_floor, max_encoder_tokens)
         return result
 
     async def abort(self, request_id: str) -> None:

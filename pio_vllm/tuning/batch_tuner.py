@@ -11,6 +11,10 @@ window), as
   typical image: base + per_token*T + per_vision*v_image <= tpot_target_s;
 - the number of running requests B that holds it for a pure decode step (B tokens) and
   fits the KV cache: B * kv_blocks_per_request <= kv_blocks_total * kv_high_watermark;
+- the vision tokens encoded per step E that hold it next to that decode batch:
+  base + per_token*B + per_vision*E <= tpot_target_s (the scheduler keeps E at least one
+  whole image, so this spreads images over steps instead of stalling every running request
+  for several at once);
 
 both bounded by the static limits vLLM sized its buffers for and by floors, moved a
 fraction `smoothing` of the way per decision. Without enough steps, or with a poor fit
@@ -65,6 +69,9 @@ class BatchLimits:
     max_active: int  # requests running at once (vLLM's cap and pio's admission window)
     max_tokens: int  # tokens scheduled per step
     source: LimitSource = LimitSource.STATIC_NO_DATA
+    # Vision tokens encoded per step (None: vLLM's own budget). The scheduler never goes
+    # below the largest waiting image, so a low value means one large image per step.
+    max_encoder_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,14 +184,19 @@ class BatchTuner:
             active = min(active, fit_kv)
         active = max(self._settings.min_active, min(active, static.max_active))
         tokens = max(self._token_floor, min(tokens, static.max_tokens))
-        self._target = BatchLimits(active, tokens, LimitSource.TUNED)
-        return self._move_towards(active, tokens, LimitSource.TUNED)
+        encoder: int | None = None
+        if model.per_vision_token_s > 0:
+            room_s = tpot - model.base_s - model.per_token_s * active
+            encoder = max(1, _floor(room_s / model.per_vision_token_s)) if room_s > 0 else 1
+        self._target = BatchLimits(active, tokens, LimitSource.TUNED, encoder)
+        return self._move_towards(active, tokens, LimitSource.TUNED, encoder)
 
     def _fall_back(self, source: LimitSource) -> BatchLimits:
         self._target = BatchLimits(self._static.max_active, self._static.max_tokens, source)
         return self._move_towards(self._static.max_active, self._static.max_tokens, source)
 
-    def _move_towards(self, active: int, tokens: int, source: LimitSource) -> BatchLimits:
+    def _move_towards(self, active: int, tokens: int, source: LimitSource,
+                      encoder: int | None = None) -> BatchLimits:
         a = self._settings.smoothing
         self._active_f += a * (active - self._active_f)
         self._tokens_f += a * (tokens - self._tokens_f)
@@ -195,7 +207,7 @@ class BatchTuner:
             self._tokens_f)
         new_active = max(self._settings.min_active, min(new_active, self._static.max_active))
         new_tokens = max(self._token_floor, min(new_tokens, self._static.max_tokens))
-        self._limits = BatchLimits(new_active, new_tokens, source)
+        self._limits = BatchLimits(new_active, new_tokens, source, encoder)
         return self._limits
 
     def stats(self) -> TunerStats:

@@ -72,3 +72,28 @@ async def test_runtime_cap_bounds_running_requests(tuned_engine: PioEngine) -> N
     limits = await backend.batch_limits(10_000, 10**9, None)  # never above start buffers
     assert (limits["max_active"], limits["max_tokens"]) == (
         backend.max_num_seqs, backend.max_num_batched_tokens)
+
+
+async def test_encoder_budget_encodes_one_image_per_step(tuned_engine: PioEngine) -> None:
+    """An encoder budget below one image still encodes the largest waiting image whole,
+    one per step, instead of several images in one step."""
+    from pio_vllm.cost.vision_tokens import vision_tokens
+
+    backend = tuned_engine.backend
+    assert tuned_engine.tuning is not None and tuned_engine.admission is not None
+    await tuned_engine.tuning.aclose()
+    tuned_engine.admission.set_window(8)
+    sizes = [(320 + 32 * i, 240) for i in range(6)]
+    largest = max(vision_tokens(w, h, backend.geometry) for w, h in sizes)
+    limits = await backend.batch_limits(8, None, None, 1)
+    assert limits["max_encoder_tokens"] == 1
+    reqs = [PioRequest(prompt=f"image {i}", images=[noise_image(w, h, 100 + i)],
+                       sampling={"max_tokens": 8, "ignore_eos": True})
+            for i, (w, h) in enumerate(sizes)]
+    results = await tuned_engine.generate_batch(reqs)
+    assert all(r.error is None for r in results)
+    steps = [StepSample(*s) for s in (await backend.batch_limits(
+        None, None, None, 10**9))["samples"]]
+    encoded = [s.vision_tokens for s in steps if s.vision_tokens]
+    assert len(encoded) == len(sizes)  # one image per step ...
+    assert max(encoded) <= largest  # ... never two at once

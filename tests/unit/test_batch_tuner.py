@@ -50,7 +50,9 @@ def test_fit_recovers_the_step_model_and_limits_converge() -> None:
     assert model.per_token_s == pytest.approx(2e-5, rel=1e-3)
     assert model.per_vision_token_s == pytest.approx(1e-5, rel=1e-3)
     # 0.004 + 2e-5*T + 1e-5*1000 <= 0.05  ->  T = 1800; decode: (0.05-0.004)/2e-5 = 2300
-    assert limits == BatchLimits(max_active=64, max_tokens=1800, source=LimitSource.TUNED)
+    # encoder: 0.004 + 2e-5*64 + 1e-5*E <= 0.05  ->  E = 4472 vision tokens per step
+    assert limits == BatchLimits(max_active=64, max_tokens=1800, source=LimitSource.TUNED,
+                                 max_encoder_tokens=4472)
     # larger images in the mix -> a smaller step budget
     for _ in range(40):
         bigger = t.decide(RequestMix(10, 4.0, mean_image_vision_tokens=3000.0))

@@ -23,6 +23,8 @@ def test_scheduler_targets_exist() -> None:
         assert f"self.{attr} =" in init, attr  # set at start ...
         assert f"self.{attr}" in schedule, attr  # ... and read by every schedule()
     assert "token_budget = self.max_num_scheduled_tokens" in schedule
+    assert "self.max_num_encoder_input_tokens =" in init
+    assert "encoder_compute_budget = self.max_num_encoder_input_tokens" in schedule
     assert list(inspect.signature(Scheduler.update_from_output).parameters)[:3] == [
         "self", "scheduler_output", "model_runner_output"]
     fields = SchedulerOutput.__dataclass_fields__
