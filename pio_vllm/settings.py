@@ -197,6 +197,12 @@ class TuningSettings(BaseModel):
         description="Fraction of the way to a new target moved per decision (EMA).",
     )
     min_active: int = Field(default=1, ge=1, description="Lower bound on running requests.")
+    cap_encoder: bool = Field(
+        default=False,
+        description="Also cap the vision tokens encoded per step (at least one whole image): "
+        "shortens the worst inter-token gap but not mean TPOT, which it made worse in the "
+        "mixed-resolution benchmark (README), so it is off by default.",
+    )
     min_step_tokens: int = Field(
         default=256, ge=1,
         description="Lower bound on the step token budget (vLLM chunks longer prefills; "

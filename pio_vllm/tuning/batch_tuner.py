@@ -185,7 +185,7 @@ class BatchTuner:
         active = max(self._settings.min_active, min(active, static.max_active))
         tokens = max(self._token_floor, min(tokens, static.max_tokens))
         encoder: int | None = None
-        if model.per_vision_token_s > 0:
+        if self._settings.cap_encoder and model.per_vision_token_s > 0:
             room_s = tpot - model.base_s - model.per_token_s * active
             encoder = max(1, _floor(room_s / model.per_vision_token_s)) if room_s > 0 else 1
         self._target = BatchLimits(active, tokens, LimitSource.TUNED, encoder)

@@ -39,7 +39,7 @@ def tuner(**kw: object) -> BatchTuner:
 
 
 def test_fit_recovers_the_step_model_and_limits_converge() -> None:
-    t = tuner()
+    t = tuner(cap_encoder=True)
     t.observe(steps(200, base=0.004, per_token=2e-5, per_vision=1e-5))
     mix = RequestMix(10, 4.0, mean_image_vision_tokens=1000.0)
     for _ in range(40):
@@ -154,3 +154,9 @@ def test_correlated_terms_are_dropped_not_clipped() -> None:
     assert model is not None and model.r2 > 0.9
     assert model.per_token_s == pytest.approx(3e-5, rel=0.1)
     assert model.per_vision_token_s >= 0
+
+
+def test_encoder_cap_is_opt_in() -> None:
+    t = tuner()
+    t.observe(steps(200, base=0.004, per_token=2e-5, per_vision=1e-5))
+    assert t.decide(MIX).max_encoder_tokens is None
