@@ -315,6 +315,20 @@ def run_side_subprocess(side: str, settings_path: str, workload_path: Path,
     return data
 
 
+def derive_config(base: Path, out: Path, **sections: Any) -> Path:
+    """Write `base` (a settings YAML) with `sections` merged one level deep to `out`."""
+    import yaml
+
+    config = yaml.safe_load(base.read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
 def write_workload(work: list[BenchRequest], path: Path) -> None:
     path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in work))
 

@@ -25,16 +25,9 @@ def plot_runs(run: dict[str, dict[str, Any]], stem: Path, title: str) -> list[Pa
             ys = [(i + 1) / len(ttfts) for i in range(len(ttfts))]
             ax.step(ttfts, ys, where="post", label=f"{side} / {cls}")
     ax.set_xscale("log")
-    ax.set_xlabel("time to first token (s, log)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(f"{title}: TTFT CDF")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = stem.with_name(stem.name + "-ttft-cdf.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    written.append(path)
+    written.append(_finish(plt, fig, ax, stem.with_name(stem.name + "-ttft-cdf.png"),
+                           "time to first token (s, log)", "fraction of requests",
+                           f"{title}: TTFT CDF"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for side, result in run.items():
@@ -50,14 +43,21 @@ def plot_runs(run: dict[str, dict[str, Any]], stem: Path, title: str) -> list[Pa
                 t = r["first_at"] + span * k / max(n - 1, 1)
                 bins[min(int(t), len(bins) - 1)] += 1
         ax.plot(range(len(bins)), bins, label=side)
-    ax.set_xlabel("time since start (s)")
-    ax.set_ylabel("output tokens / s")
-    ax.set_title(f"{title}: throughput over time")
+    written.append(_finish(plt, fig, ax, stem.with_name(stem.name + "-throughput.png"),
+                           "time since start (s)", "output tokens / s",
+                           f"{title}: throughput over time"))
+    return written
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str,
+            title: str) -> Path:
+    """Label, save and close one figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = stem.with_name(stem.name + "-throughput.png")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

@@ -30,21 +30,14 @@ from typing import Any
 import yaml
 
 from benchmarks.ab import report, run_ab
-from benchmarks.harness import Slo
+from benchmarks.harness import Slo, derive_config
 from benchmarks.workload import WorkloadSpec, generate
 
 
 def _derive(base: Path, out: Path, preset: str | None, **sections: Any) -> str:
-    config = yaml.safe_load(base.read_text())
     if preset:
-        config["engine"]["model"] = f"pio:{preset}"
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    out.write_text(yaml.safe_dump(config))
-    return str(out)
+        sections["engine"] = {**sections.get("engine", {}), "model": f"pio:{preset}"}
+    return str(derive_config(base, out, **sections))
 
 
 def overhead(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def engine_flags(engine: dict[str, Any]) -> list[str]:
     return flags
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -58,7 +58,7 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
     from pio_vllm.settings import PioSettings
 
     settings = PioSettings.load(settings_path)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **settings.vllm_env}
     if kind == "pio":
         cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", settings_path]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
+from benchmarks.harness import derive_config
+from benchmarks.server_mode import free_port
 from tests.helpers import TINY_CONFIG
 
 KEYS = {
@@ -24,22 +24,9 @@ KEYS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_config(path: Path, **sections: Any) -> Path:
     """configs/tiny-cpu.yaml with `sections` merged one level deep."""
-    config = yaml.safe_load(TINY_CONFIG.read_text())
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return derive_config(TINY_CONFIG, path, **sections)
 
 
 @dataclass
