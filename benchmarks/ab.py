@@ -27,7 +27,7 @@ SUMMARY_KEYS = (
     "requests", "ok", "wall_s", "output_tok_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
     "tpot_p50_s", "tpot_p90_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s",
     "e2e_p99_s", "pio_intake_p50_s", "pio_intake_p99_s", "slo_met", "goodput_req_per_s",
-    "shed", "expired", "shed_429", "errors", "classes", "tuning", "admission_window",
+    "shed", "expired", "shed_429", "errors", "classes", "tuning", "admission_capacity",
 )
 
 

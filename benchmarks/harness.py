@@ -262,7 +262,7 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
                         first_at = now
                         ttft = first_at - t_arrival
                     if out.result is not None:
-                        pre = out.result.preemptions
+                        pre = out.result.preemptions or 0
                         intake = out.result.timings.intake_s
                 ok, error = True, None
             except PioError as e:
@@ -279,7 +279,7 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
         stats = engine.stats()
     result = summarise(rows, wall, slo) | {"rows": rows}
     if stats.admission is not None:
-        result["admission_window"] = stats.admission.window
+        result["admission_capacity"] = stats.admission.capacity
         result["shed"] = sum(c.shed for c in stats.admission.classes.values())
         result["expired"] = sum(c.expired for c in stats.admission.classes.values())
     if stats.tuning is not None:

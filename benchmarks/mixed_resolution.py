@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def side_config(base: Path, side: str, slo: Slo, out: Path) -> Path:
 def summary_row(r: dict[str, Any]) -> dict[str, Any]:
     keep = ("requests", "ok", "wall_s", "output_tok_per_s", "ttft_p50_s", "ttft_p99_s",
             "tpot_p50_s", "tpot_p99_s", "slo_met", "goodput_req_per_s", "shed", "expired",
-            "admission_window", "tuning", "errors")
+            "admission_capacity", "tuning", "errors")
     return {k: r.get(k) for k in keep}
 
 
@@ -112,7 +113,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
     ap.add_argument("--duration-s", type=float, default=30.0)
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path,
                     default=Path("benchmarks/results/mixed-resolution-cpu.json"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     slo = Slo(a.slo_ttft_s, a.slo_tpot_s)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -164,7 +165,8 @@ def main() -> None:
     a.out.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"wrote {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         module = importlib.import_module(OWN_MODULES[argv[0]])
-        sys.argv = [f"pio-vllm bench {argv[0]}", *argv[1:]]
-        module.main()
-        return 0
+        return int(module.main(argv[1:]) or 0)
     ap = argparse.ArgumentParser(prog="pio-vllm bench", description=__doc__.splitlines()[0])
     ap.add_argument("scenario", choices=names)
     ap.add_argument("--mode", choices=["inproc", "server"], default="inproc")

@@ -1,8 +1,10 @@
 """BatchLimitScheduler: vLLM's Scheduler with per-step limits settable at runtime.
 
 Process: EngineCore (vLLM builds it from `scheduler_cls`, the seam meant for this).
-Target: `vllm.v1.core.sched.scheduler.Scheduler` (subclass; nothing of vLLM is modified).
-vLLM versions verified: 0.32.0 (CPU build, CI), 0.23.0 (the GPU machine's).
+Target: `vllm.v1.core.sched.scheduler.Scheduler` and `...async_scheduler.AsyncScheduler`
+(subclasses; nothing of vLLM is modified), on top of priority_preemption.py's mixin, so one
+`scheduler_cls` carries both. vLLM versions verified: 0.32.0 (CPU build, CI), 0.23.0 (the GPU
+machine's, CPU build here).
 
 What it changes: before each `schedule()`, the cap on requests admitted into RUNNING
 (0.32: `max_num_active_reqs`; 0.23: `max_num_running_reqs`), the step token budget
@@ -18,8 +20,8 @@ Why: vLLM's limits are static; a step with a large image's prefill and a step of
 decodes need very different limits to hold a per-token latency target (DESIGN.md; issue 4
 measurements in benchmarks/results/mixed-resolution-cpu.md).
 
-How to remove: drop `scheduler_cls` from the engine arguments (pio sets it only when
-`tuning.enabled`); vLLM's default Scheduler runs with its static limits.
+How to remove: `tuning.enabled: false`; pio then selects priority_preemption.py's scheduler
+(or none) and vLLM runs with its static limits.
 """
 
 from __future__ import annotations
@@ -28,14 +30,24 @@ import collections
 import time
 from typing import Any
 
+from pio_vllm_patches.priority_preemption import PriorityPreemptionMixin
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 # Most step samples kept between two reads by the frontend.
 MAX_SAMPLES = 512
 
 
-class BatchLimitScheduler(Scheduler):
-    """vLLM's Scheduler plus `set_batch_limits` / step samples (read by a utility call)."""
+class BatchLimitMixin:
+    """`set_batch_limits` / step samples (read by a utility call); mix in before
+    PriorityPreemptionMixin and a vLLM Scheduler."""
+
+    # Attributes of vLLM's Scheduler this mixin reads and sets (0.23 and 0.32).
+    running: list[Any]
+    waiting: Any
+    requests: dict[str, Any]
+    max_num_scheduled_tokens: int
+    max_num_encoder_input_tokens: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -95,7 +107,7 @@ class BatchLimitScheduler(Scheduler):
                 self.pio_start_encoder, max(self.pio_max_encoder, self._largest_waiting_item()))
         elif self.pio_start_encoder:
             self.max_num_encoder_input_tokens = self.pio_start_encoder
-        output = super().schedule(*args, **kwargs)
+        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         self.pio_peak_running = max(self.pio_peak_running, len(self.running))
         encoder_tokens = 0
         for req_id, inputs in (output.scheduled_encoder_inputs or {}).items():
@@ -122,4 +134,12 @@ class BatchLimitScheduler(Scheduler):
             tokens, encoder_tokens, reqs = self._pio_step_shape
             self.pio_samples.append(
                 (tokens, encoder_tokens, reqs, time.perf_counter() - started))
-        return super().update_from_output(*args, **kwargs)
+        return super().update_from_output(*args, **kwargs)  # type: ignore[misc]
+
+
+class BatchLimitScheduler(BatchLimitMixin, PriorityPreemptionMixin, Scheduler):
+    """vLLM's synchronous Scheduler plus runtime batch limits and priority preemption."""
+
+
+class BatchLimitAsyncScheduler(BatchLimitMixin, PriorityPreemptionMixin, AsyncScheduler):
+    """vLLM's AsyncScheduler plus runtime batch limits and priority preemption."""

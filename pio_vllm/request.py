@@ -79,24 +79,28 @@ class ImageInfo:
 @dataclass(frozen=True)
 class RequestTimings:
     """Monotonic timestamps (`time.monotonic()`, seconds) of one request's life, plus the wall
-    clock arrival. `submitted_at` is when pio handed the request to vLLM."""
+    clock arrival. The path: arrival -> pio's queue -> granted -> intake (render, images) ->
+    prepared -> submitted to vLLM -> first token -> finished."""
 
     arrival_wall: float
     arrival_at: float
-    submitted_at: float | None = None
+    granted_at: float | None = None  # left pio's queue
+    prepared_at: float | None = None  # intake done: prompt rendered, images loaded
+    submitted_at: float | None = None  # handed to vLLM
     first_token_at: float | None = None
     finished_at: float | None = None
-    prepared_at: float | None = None  # intake done: prompt rendered, images loaded
-
-    @property
-    def intake_s(self) -> float | None:
-        """pio's own frontend work before admission: rendering, image intake, checks."""
-        return None if self.prepared_at is None else self.prepared_at - self.arrival_at
 
     @property
     def queued_s(self) -> float | None:
-        """Time in pio before vLLM got the request (intake and admission)."""
-        return None if self.submitted_at is None else self.submitted_at - self.arrival_at
+        """Time waiting in pio's queue before any work was done for the request."""
+        return None if self.granted_at is None else self.granted_at - self.arrival_at
+
+    @property
+    def intake_s(self) -> float | None:
+        """pio's own frontend work after the queue: rendering, image intake, checks."""
+        if self.prepared_at is None or self.granted_at is None:
+            return None
+        return self.prepared_at - self.granted_at
 
     @property
     def ttft_s(self) -> float | None:
@@ -128,12 +132,14 @@ class RequestResult:
     prompt_tokens: int
     vision_tokens: int
     images: tuple[ImageInfo, ...]
-    priority: int
+    priority: int | None  # None only when the request's priority could not be resolved
     priority_class: str | None
     metadata: Mapping[str, Any]
     timings: RequestTimings
     error: BaseException | None = None
-    preemptions: int = 0  # times pio preempted it to serve higher-priority work
+    # Times pio's scheduler preempted it inside vLLM for higher-priority work (vLLM 0.32
+    # reports it per request; None on releases that do not, such as 0.23).
+    preemptions: int | None = None
 
     @property
     def output_tokens(self) -> int:

@@ -124,37 +124,57 @@ class ImageSettings(BaseModel):
 
 
 class AdmissionSettings(BaseModel):
-    """pio's priority admission in front of vLLM (queues, aging, shedding, preemption)."""
+    """pio's priority admission in front of all per-request work (queues, aging, shedding) and
+    priority preemption inside vLLM's scheduler."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(
         default=True,
-        description="Queue requests in pio and admit them by priority; off sends every "
-        "request straight to vLLM (its own priority queue still applies).",
+        description="Queue requests in pio, before any rendering or image work, and admit "
+        "them by priority; off sends every request straight to vLLM (its own priority queue "
+        "still applies).",
     )
     max_in_flight: int | None = Field(
         default=None,
         ge=1,
-        description="Most requests admitted into vLLM at once; None uses engine max_num_seqs, "
-        "so vLLM's running set is the admission window and its waiting queue stays empty.",
+        description="Most sequences past pio's queue at once (being prepared, or in vLLM "
+        "running or waiting), counted per level: lower-priority requests never hold a "
+        "higher-priority one back. None: engine max_num_seqs + lookahead.",
+    )
+    lookahead: int = Field(
+        default=2,
+        ge=0,
+        description="Prepared requests admitted beyond max_num_seqs; they wait in vLLM's "
+        "priority-ordered queue so a finished request's slot is refilled inside the engine, "
+        "not after a frontend round trip.",
+    )
+    max_preparing: int = Field(
+        default=2,
+        ge=1,
+        description="Most requests being prepared at once (chat template, image fetch and "
+        "decode, vLLM's image processor), counted per level like max_in_flight: a flood's "
+        "images are processed a few at a time and an urgent request is never behind more.",
     )
     kv_high_watermark: float = Field(
         default=0.95,
         gt=0,
         le=1,
-        description="Stop admitting while vLLM's KV cache usage is at or above this fraction.",
+        description="Stop admitting while vLLM's KV cache usage is at or above this fraction "
+        "(a request that outranks one in vLLM still goes in).",
     )
     aging_s_per_level: float = Field(
         default=10.0,
         gt=0,
-        description="Seconds of waiting (at class weight 1) that improve a request's "
-        "effective priority by one level, so lower classes never starve.",
+        description="Seconds of waiting (at class weight 1) that improve a queued request's "
+        "effective priority by one level, so lower classes never starve in pio's queue.",
     )
     preemption: bool = Field(
         default=True,
-        description="Preempt running lower-class requests when a higher-class one waits and "
-        "the window is full; the preempted request resumes from its tokens so far.",
+        description="Inside vLLM's scheduler (pio's scheduler_cls, patches/), preempt the "
+        "lowest-priority running request when a strictly higher-priority one waits and the "
+        "running set is full; it resumes by recompute with its tokens kept. Needs "
+        "engine.scheduling_policy: priority.",
     )
     max_preemptions: int = Field(
         default=2, ge=0, description="Most times one request may be preempted."

@@ -1,7 +1,9 @@
 """Per-class admission metrics: counters, gauges, histograms (frontend process, pure Python).
 
-Each priority class gets: queued and running gauges; admitted, completed, failed, cancelled,
-shed, expired and preempted counters; queue-wait and TTFT histograms. `snapshot()` returns
+Each priority class gets: queued, preparing and running gauges (running: past pio's queue,
+preparing or in vLLM); admitted, completed, failed, cancelled, shed, expired and preempted
+counters;
+queue-wait and TTFT histograms. `snapshot()` returns
 frozen stats with p50/p99 over recent samples; `PrometheusExporter` mirrors the same numbers
 into a prometheus_client registry (names prefixed `pio_`, beside vLLM's `vllm:` metrics).
 """
@@ -13,6 +15,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 # Buckets for queue wait and TTFT (seconds): ~1 engine step on a GPU up to a minute.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -27,16 +31,16 @@ class Event(enum.Enum):
     CANCELLED = "cancelled"
     SHED = "shed"
     EXPIRED = "expired"
-    PREEMPTED = "preempted"
+    PREEMPTED = "preempted"  # by pio's scheduler inside vLLM (counted when a request ends)
 
 
 def percentile(samples: Iterable[float], q: float) -> float | None:
-    """The q-th percentile (nearest rank) of `samples`, or None when there are none."""
-    ordered = sorted(samples)
-    if not ordered:
+    """The q-th percentile of `samples` by linear interpolation (numpy's default, the method
+    vLLM's benchmark client reports), or None when there are none."""
+    values = list(samples)
+    if not values:
         return None
-    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[idx]
+    return float(np.percentile(values, q))
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ClassStats:
     """One class's numbers at a point in time (counters are totals since start)."""
 
     queued: int
+    preparing: int
     running: int
     admitted: int
     completed: int
@@ -61,6 +66,7 @@ class ClassStats:
 @dataclass
 class _ClassCounters:
     queued: int = 0
+    preparing: int = 0
     running: int = 0
     events: dict[Event, int] = field(default_factory=lambda: {e: 0 for e in Event})
     queue_wait_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
@@ -79,9 +85,12 @@ class PrometheusExporter:
         self.queued = Gauge(
             "pio_queued_requests", "Requests waiting in pio's queue", ["priority_class"],
             registry=registry)
+        self.preparing = Gauge(
+            "pio_preparing_requests", "Requests past pio's queue being rendered / decoded",
+            ["priority_class"], registry=registry)
         self.running = Gauge(
-            "pio_running_requests", "Requests admitted into vLLM", ["priority_class"],
-            registry=registry)
+            "pio_running_requests", "Requests past pio's queue (preparing or in vLLM)",
+            ["priority_class"], registry=registry)
         self.queue_wait = Histogram(
             "pio_queue_wait_seconds", "Time from arrival to admission into vLLM",
             ["priority_class"], buckets=LATENCY_BUCKETS_S, registry=registry)
@@ -98,20 +107,24 @@ class AdmissionMetrics:
         self._prom = PrometheusExporter(registry) if registry is not None else None
 
     def _get(self, cls: str) -> _ClassCounters:
-        if cls not in self._classes:
-            self._classes[cls] = _ClassCounters()
-        return self._classes[cls]
+        return self._classes[cls]  # configured classes only: a bounded label set
 
-    def count(self, cls: str, event: Event) -> None:
-        self._get(cls).events[event] += 1
+    def count(self, cls: str, event: Event, n: int = 1) -> None:
+        self._get(cls).events[event] += n
         if self._prom is not None:
-            self._prom.events.labels(cls, event.value).inc()
+            self._prom.events.labels(cls, event.value).inc(n)
 
     def add_queued(self, cls: str, delta: int) -> None:
         c = self._get(cls)
         c.queued += delta
         if self._prom is not None:
             self._prom.queued.labels(cls).set(c.queued)
+
+    def add_preparing(self, cls: str, delta: int) -> None:
+        c = self._get(cls)
+        c.preparing += delta
+        if self._prom is not None:
+            self._prom.preparing.labels(cls).set(c.preparing)
 
     def add_running(self, cls: str, delta: int) -> None:
         c = self._get(cls)
@@ -134,7 +147,7 @@ class AdmissionMetrics:
         for name, c in self._classes.items():
             e = c.events
             out[name] = ClassStats(
-                queued=c.queued, running=c.running,
+                queued=c.queued, preparing=c.preparing, running=c.running,
                 admitted=e[Event.ADMITTED], completed=e[Event.COMPLETED],
                 failed=e[Event.FAILED], cancelled=e[Event.CANCELLED], shed=e[Event.SHED],
                 expired=e[Event.EXPIRED], preempted=e[Event.PREEMPTED],

@@ -1,4 +1,4 @@
-"""Admission policy: ordering, aging, shedding and victim choice (pure code, any process).
+"""Admission policy: ordering, aging and shedding (pure code, any process).
 
 Numbers in, decisions out; no asyncio, no vLLM, no wall clock (every function takes `now`).
 The controller in `controller.py` applies these decisions to live requests.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -32,26 +32,14 @@ class WaitingView:
     key: int  # unique, increasing with arrival (ties are broken by it: FIFO)
     level: int
     weight: float
-    arrival_at: float  # when it first entered pio's queue (kept across preemptions)
-
-
-@dataclass(frozen=True)
-class RunningView:
-    """What the policy needs to know about an admitted request."""
-
-    key: int
-    level: int
-    output_tokens: int  # progress so far
-    preemptions: int
-    admitted_at: float
+    arrival_at: float  # when it entered pio's queue
 
 
 @dataclass(frozen=True)
 class AdmissionPolicy:
-    """Tunable knobs of ordering, aging and preemption."""
+    """Tunable knobs of ordering and aging."""
 
     aging_s_per_level: float = 10.0  # seconds of waiting (at weight 1) worth one level
-    max_preemptions: int = 2  # a request is preempted at most this many times
 
     def effective_level(self, item: WaitingView, now: float) -> float:
         waited_s = max(0.0, now - item.arrival_at)
@@ -62,25 +50,6 @@ class AdmissionPolicy:
     def order(self, waiting: Iterable[WaitingView], now: float) -> list[WaitingView]:
         """Waiting requests in the order they should be admitted."""
         return sorted(waiting, key=lambda w: (self.effective_level(w, now), w.key))
-
-    def choose_victim(
-        self, running: Sequence[RunningView], waiting_level: int, excluded: set[int]
-    ) -> RunningView | None:
-        """The running request to preempt for a waiting one of `waiting_level`, or None.
-
-        Only requests of a strictly lower class (higher level) than the waiting one are
-        candidates, never more than `max_preemptions` times each. Among them: the lowest
-        class first, then the least progressed (fewest output tokens: least work lost and
-        least KV to rebuild), then the most recently admitted.
-        """
-        candidates = [
-            r for r in running
-            if r.level > waiting_level and r.preemptions < self.max_preemptions
-            and r.key not in excluded
-        ]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda r: (-r.level, r.output_tokens, -r.admitted_at))
 
 
 class RateMeter:

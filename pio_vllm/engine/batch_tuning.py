@@ -4,8 +4,9 @@
 Every `tuning.interval_s` it makes one engine-core utility call (`pio_batch_limits`,
 patches/engine_core_batch_limits.py) that sets BatchLimitScheduler's limits for the next
 steps and returns the steps measured since the previous call; the samples feed the tuner,
-whose next decision (for the mix of requests pio holds) becomes the admission window and,
-on the next call, the scheduler's limits. Decisions and the fitted model are in
+whose next decision (for the mix of requests pio holds) becomes the admission capacity
+(its running requests plus admission.lookahead) and, on the next call, the scheduler's
+limits. Decisions and the fitted model are in
 `PioEngine.stats().tuning` and in Prometheus (`pio_batch_*`, `pio_step_model_*`).
 """
 
@@ -34,11 +35,12 @@ logger = logging.getLogger(__name__)
 class TuningLoop:
     def __init__(self, settings: TuningSettings, backend: VllmBackend,
                  admission: AdmissionController | None, mix: Callable[[], RequestMix],
-                 kv_high_watermark: float, registry: Any | None) -> None:
+                 kv_high_watermark: float, lookahead: int, registry: Any | None) -> None:
         self._settings = settings
         self._backend = backend
         self._admission = admission
         self._mix = mix
+        self._lookahead = lookahead
         static = BatchLimits(backend.max_num_seqs, backend.max_num_batched_tokens)
         self.tuner = BatchTuner(
             settings, static, kv_blocks_total=backend.kv_blocks_total,
@@ -72,8 +74,9 @@ class TuningLoop:
         self.engine_limits = {k: v for k, v in result.items() if k != "samples"}
         self.tuner.observe(StepSample(*s) for s in result.get("samples", ()))
         new = self.tuner.decide(self._mix())
-        if self._admission is not None and self._admission.window != new.max_active:
-            self._admission.set_window(new.max_active)
+        capacity = new.max_active + self._lookahead
+        if self._admission is not None and self._admission.capacity != capacity:
+            self._admission.set_capacity(capacity)
         if self._gauges is not None:
             self._gauges.update(self.tuner.stats())
         return new

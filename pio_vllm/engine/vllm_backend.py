@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,14 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.23", "0.32")
 
-# pio's scheduler subclass (patches/batch_limit_scheduler.py), selected by `scheduler_cls`.
-BATCH_LIMIT_SCHEDULER = "pio_vllm_patches.batch_limit_scheduler.BatchLimitScheduler"
+# pio's scheduler subclasses (patches/): priority preemption, plus runtime batch limits when
+# tuning is on; the async variants where vLLM runs async scheduling (GPU).
+_SCHEDULERS = {
+    (False, False): "pio_vllm_patches.priority_preemption.PriorityPreemptionScheduler",
+    (False, True): "pio_vllm_patches.priority_preemption.PriorityPreemptionAsyncScheduler",
+    (True, False): "pio_vllm_patches.batch_limit_scheduler.BatchLimitScheduler",
+    (True, True): "pio_vllm_patches.batch_limit_scheduler.BatchLimitAsyncScheduler",
+}
 
 
 def _validation_errors() -> tuple[type[Exception], ...]:
@@ -75,7 +81,8 @@ def resolve_model(settings: PioSettings) -> str:
 
 
 def build_engine_args(settings: PioSettings, model_path: str) -> Any:
-    """`vllm.AsyncEngineArgs` from settings.engine; unknown keys raise ConfigError."""
+    """`vllm.AsyncEngineArgs` from settings.engine, verbatim (plain vLLM's arguments);
+    unknown keys raise ConfigError."""
     from vllm import AsyncEngineArgs
 
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -87,18 +94,41 @@ def build_engine_args(settings: PioSettings, model_path: str) -> Any:
         )
     kwargs = dict(settings.engine)
     kwargs["model"] = model_path
-    if settings.tuning.enabled:
-        current = kwargs.get("scheduler_cls")
-        if current not in (None, BATCH_LIMIT_SCHEDULER):
-            raise ConfigError(
-                f"engine.scheduler_cls={current!r} conflicts with tuning.enabled, which runs "
-                f"vLLM with {BATCH_LIMIT_SCHEDULER}; unset one of them"
-            )
-        kwargs["scheduler_cls"] = BATCH_LIMIT_SCHEDULER
     try:
         return AsyncEngineArgs(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid vLLM engine arguments {kwargs}: {e}") from e
+
+
+def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None:
+    """Put pio's scheduler (patches/) and its settings into a resolved VllmConfig; returns
+    the scheduler's import path, or None when neither preemption nor tuning needs it.
+
+    Runs after vLLM resolved the config, because the scheduler must match vLLM's choice of
+    async scheduling. The settings reach the EngineCore in `additional_config["pio"]`."""
+    preemption = settings.admission.preemption
+    tuning = settings.tuning.enabled
+    scheduler_config = vllm_config.scheduler_config
+    if preemption and str(scheduler_config.policy) != "priority":
+        raise ConfigError(
+            f"admission.preemption needs engine.scheduling_policy: priority (it is "
+            f"{str(scheduler_config.policy)!r}, under which vLLM ignores request priorities); "
+            "set scheduling_policy: priority, or admission.preemption: false")
+    if not (preemption or tuning):
+        return None
+    current = scheduler_config.scheduler_cls
+    if current is not None and current not in _SCHEDULERS.values():
+        raise ConfigError(
+            f"engine.scheduler_cls={current!r} conflicts with pio's scheduler, which "
+            "admission.preemption and tuning.enabled need; unset scheduler_cls or turn both "
+            "off")
+    path = _SCHEDULERS[(tuning, bool(scheduler_config.async_scheduling))]
+    scheduler_config.scheduler_cls = path
+    if vllm_config.additional_config is None:
+        vllm_config.additional_config = {}
+    vllm_config.additional_config["pio"] = {
+        "preemption": preemption, "max_preemptions": settings.admission.max_preemptions}
+    return path
 
 
 def _read_geometry(model_path: str, engine: Mapping[str, Any]) -> VisionGeometry:
@@ -148,7 +178,6 @@ class VllmBackend:
                  probe: EngineStatsProbe, start_s: float) -> None:
         self._llm = llm
         self._settings = settings
-        self.model_path = model_path
         self.probe = probe
         self.start_s = start_s
         self.version = vllm_version()
@@ -167,9 +196,6 @@ class VllmBackend:
         self.kv_blocks_total: int | None = int(blocks) if blocks else None
         self.geometry = _read_geometry(model_path, settings.engine)
         self.tokenizer = self._get_tokenizer()
-        self.image_token_id: int | None = getattr(
-            model_config.hf_config, "image_token_id", None
-        )
 
     @classmethod
     def start(cls, settings: PioSettings, usage_context: Any | None = None) -> VllmBackend:
@@ -185,16 +211,26 @@ class VllmBackend:
             os.environ[key] = str(value)
         model_path = resolve_model(settings)
         args = build_engine_args(settings, model_path)
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        usage = usage_context or UsageContext.ENGINE_CONTEXT
+        try:
+            vllm_config = args.create_engine_config(usage)
+        except Exception as e:
+            raise ConfigError(f"invalid vLLM engine arguments for {model_path!r}: {e}") from e
+        scheduler = install_pio_scheduler(vllm_config, settings)
         probe = EngineStatsProbe()
         t0 = time.perf_counter()
         try:
-            extra = {} if usage_context is None else {"usage_context": usage_context}
-            llm = AsyncLLM.from_engine_args(
-                args, stat_loggers=[probe.logger_factory()], **extra)
+            llm = AsyncLLM.from_vllm_config(
+                vllm_config, usage_context=usage, stat_loggers=[probe.logger_factory()],
+                enable_log_requests=args.enable_log_requests,
+                disable_log_stats=args.disable_log_stats)
         except Exception as e:
             raise ConfigError(f"vLLM engine failed to start for model {model_path!r}: {e}") from e
+        if scheduler is not None:
+            logger.info("vLLM runs pio's scheduler %s", scheduler)
         start_s = time.perf_counter() - t0
         logger.info("vLLM engine started in %.1fs (model %s)", start_s, model_path)
         return cls(llm, settings, model_path, probe, start_s)
@@ -241,75 +277,6 @@ class VllmBackend:
             return SamplingParams(**merged, output_kind=RequestOutputKind.DELTA)
         except _validation_errors() as e:
             raise InvalidSamplingError(f"invalid sampling parameters {merged}: {e}") from e
-
-    def resume_params(self, params: Any, done_tokens: int) -> Any:
-        """SamplingParams for resuming after `done_tokens` outputs (a preempted request):
-        the remaining max_tokens / min_tokens. Greedy decoding resumes token for token;
-        a seeded random sampler restarts its stream."""
-        resumed = params.clone()
-        if params.max_tokens is not None:
-            resumed.max_tokens = max(1, params.max_tokens - done_tokens)
-        if getattr(params, "min_tokens", 0):
-            resumed.min_tokens = max(0, params.min_tokens - done_tokens)
-        return resumed
-
-    def resume_decoder(
-        self, prompt_ids: list[int], generated_ids: list[int], params: Any
-    ) -> Callable[[int], str]:
-        """Text decoder for a resumed request that continues exactly where vLLM's stopped.
-
-        vLLM primes its incremental detokenizer (tokenizers' DecodeStream, vLLM 0.32
-        `FastIncrementalDetokenizer`) with the prompt. For a resumed request the prompt ends
-        with generated tokens, and when those end inside a multi-byte character the primed
-        stream emits part of the prompt as text. This decoder replays the original state:
-        primed with the original prompt, stepped through the tokens already streamed; each
-        new token then yields the same text an unpreempted run would have.
-        """
-        from tokenizers.decoders import DecodeStream
-
-        raw = getattr(self.tokenizer, "_tokenizer", None)
-        skip = bool(getattr(params, "skip_special_tokens", True))
-        if raw is None:  # a slow tokenizer: decode the whole output and diff
-            done = self.tokenizer.decode(generated_ids, skip_special_tokens=skip)
-            seen, emitted = list(generated_ids), [done]
-
-            def diff_step(token_id: int) -> str:
-                seen.append(token_id)
-                text = self.tokenizer.decode(seen, skip_special_tokens=skip)
-                delta = text[len(emitted[0]):] if text.startswith(emitted[0]) else ""
-                emitted[0] = text
-                return str(delta)
-
-            return diff_step
-        try:
-            stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=skip)
-        except TypeError:  # older tokenizers: no native prefill, prime by stepping
-            stream = DecodeStream(skip_special_tokens=skip)
-            for tid in prompt_ids:
-                stream.step(raw, tid)
-
-        def step(token_id: int) -> str:
-            try:
-                return stream.step(raw, token_id) or ""
-            except (OverflowError, TypeError):  # as vLLM's _protected_step
-                return ""
-
-        for tid in generated_ids:
-            step(tid)
-        return step
-
-    def count_prompt_tokens(self, text: str) -> int:
-        """Text tokens of a rendered prompt (each image placeholder counts once)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def check_prompt_len(self, prompt_tokens: int) -> None:
-        if prompt_tokens >= self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt is {prompt_tokens} tokens (text plus vision tokens); the model's "
-                f"max_model_len is {self.max_model_len} and at least one output token must fit",
-                prompt_tokens=prompt_tokens,
-                max_model_len=self.max_model_len,
-            )
 
     async def generate(
         self, prompt: Mapping[str, Any], params: Any, request_id: str, priority: int,
@@ -368,14 +335,6 @@ class VllmBackend:
     @property
     def errored(self) -> bool:
         return bool(self._llm.errored)
-
-    async def check_health(self) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
-
-        try:
-            await self._llm.check_health()
-        except VllmEngineDead as e:
-            raise EngineDeadError(f"vLLM engine is dead: {e}") from e
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -2,18 +2,17 @@
 
 vLLM's OpenAI server (`vllm.entrypoints.launchers`, read from vLLM 0.32.0) serves any
 `EngineClient`: it renders chat prompts and images itself, calls `check_admission` before a
-response starts, then iterates `generate(...)`. This client composes the AsyncLLM that
-PioEngine owns: `generate` goes through pio's admission (priority, shedding, deadlines,
-preemption with resume), `check_admission` answers 429/503 up front, `abort` finds a request
-under whatever vLLM id its current attempt has, `shutdown` drains first. Everything else
-(`vllm_config`, `renderer`, `get_supported_tasks`, sleep, LoRA, profiling ...) is delegated
-to the AsyncLLM unchanged.
+response starts, then iterates `generate(...)`. pio's RequestGate has already held the
+request in pio's queue before any of that (its admission place travels in
+`current_request`), so `generate` hands the rendered prompt to `PioEngine.generate_rendered`
+(deadline, abort, metrics, vLLM priority); `check_admission` answers 503 while draining;
+`shutdown` drains first. Every other EngineClient method is delegated to the AsyncLLM
+unchanged, each named below (`tests/unit/test_serve_args.py` checks none is missing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterable
@@ -24,9 +23,21 @@ from vllm.engine.protocol import EngineClient
 from pio_vllm.engine.pio_engine import PioEngine
 from pio_vllm.errors import EngineNotRunningError, PioError
 from pio_vllm.server.http_errors import to_vllm_error
-from pio_vllm.server.request_gate import ServedRequest, current_request
+from pio_vllm.server.request_gate import current_request
 
 logger = logging.getLogger(__name__)
+
+
+def _delegate(name: str) -> Any:
+    """A method that calls the AsyncLLM's method of the same name (sync or async: the
+    caller awaits what AsyncLLM returns)."""
+
+    def method(self: PioEngineClient, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._llm, name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"AsyncLLM.{name}, unchanged."
+    return method
 
 
 class PioEngineClient(EngineClient):
@@ -39,7 +50,8 @@ class PioEngineClient(EngineClient):
         self.draining = False
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for attributes this class does not define: vLLM's own.
+        # Attributes vLLM's serving layer reads (vllm_config, model_config, renderer,
+        # input_processor, ...): the AsyncLLM's own.
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._llm, name)
@@ -69,24 +81,11 @@ class PioEngineClient(EngineClient):
     # -- requests -----------------------------------------------------------------------
 
     def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
-        """Refuse before the response starts: 503 while draining, 429 when shed.
-
-        The gate normally reserved the place already; a route the gate does not read
-        (e.g. /v1/responses) reserves it here, in its class, with its deadline."""
+        """Runs before a response starts: 503 while draining. Queueing and shedding were
+        decided by the gate, before vLLM rendered anything."""
         if self.draining:
             raise to_vllm_error(EngineNotRunningError(
                 "the server is shutting down; retry elsewhere"))
-        served = current_request.get()
-        admission = self._pio.admission
-        if served is None or served.ticket is not None or admission is None:
-            return
-        ticket = admission.ticket(request_id or "http", served.level, served.class_name,
-                                  served.deadline_at)
-        try:
-            admission.reserve(ticket)
-        except PioError as e:
-            raise to_vllm_error(e) from e
-        served.ticket = ticket
 
     async def generate(  # type: ignore[override]
         self,
@@ -98,31 +97,27 @@ class PioEngineClient(EngineClient):
         **kwargs: Any,
     ) -> AsyncGenerator[Any, None]:
         served = current_request.get()
-        if served is None:  # not through the gate (e.g. an internal caller)
-            level, name = self._pio.resolve_priority(priority)
-            served = ServedRequest(level, name, None, None)
-        kwargs.pop("prompt_text", None)  # AsyncLLM derives it from the rendered prompt
-        vllm_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         try:
+            if served is None:  # not through the gate (an internal caller)
+                level, class_name = self._pio.resolve_priority(priority)
+                deadline_at, ticket = None, None
+            else:
+                level, class_name = served.level, served.class_name
+                deadline_at, ticket = served.deadline_at, served.take_ticket()
+            kwargs.pop("prompt_text", None)  # AsyncLLM derives it from the rendered prompt
+            vllm_kwargs = {k: v for k, v in kwargs.items() if v is not None}
             async for out in self._pio.generate_rendered(
-                prompt, sampling_params, request_id,
-                priority=served.level, priority_class=served.class_name,
-                ticket=served.take_ticket(), deadline_at=served.deadline_at,
+                prompt, sampling_params, request_id, priority=level,
+                priority_class=class_name, ticket=ticket, deadline_at=deadline_at,
                 vllm_kwargs=vllm_kwargs,
             ):
                 yield out
         except PioError as e:
             raise to_vllm_error(e) from e
 
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        return self._llm.encode(*args, **kwargs)
-
     async def abort(self, request_id: str | Iterable[str], internal: bool = False) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         await self._pio.abort(ids)
-
-    async def check_health(self) -> None:
-        await self._llm.check_health()
 
     # -- shutdown -----------------------------------------------------------------------
 
@@ -146,38 +141,51 @@ class PioEngineClient(EngineClient):
     async def drain_and_stop(self, drain_s: float) -> None:
         self.draining = True
         started = time.monotonic()
-        active = self._pio.active_requests()
-        logger.info("draining: %d requests in flight, up to %.1fs", active, drain_s)
-        while self._pio.active_requests() and time.monotonic() - started < drain_s:
-            await asyncio.sleep(0.05)
-        left = self._pio.active_requests()
-        if left:
+        logger.info("draining: %d requests in flight, up to %.1fs",
+                    self._pio.active_requests(), drain_s)
+        try:
+            await asyncio.wait_for(self._pio.wait_idle(), drain_s)
+            logger.info("drained in %.2fs", time.monotonic() - started)
+        except TimeoutError:
+            left = self._pio.active_requests()
             logger.warning("drain timeout %.1fs: aborting %d requests", drain_s, left)
             await self._pio.abort_all("the server shut down before this request finished "
                                       f"(drain timeout {drain_s:.1f}s)")
-        else:
-            logger.info("drained in %.2fs", time.monotonic() - started)
+            await asyncio.wait_for(self._pio.wait_idle(), 10.0)
         await self._pio.shutdown()
 
+    # -- everything else: vLLM's AsyncLLM, unchanged -------------------------------------
 
-def _delegate(name: str, is_async: bool) -> Any:
-    if is_async:
-        async def method(self: PioEngineClient, *args: Any, **kwargs: Any) -> Any:
-            return await getattr(self._llm, name)(*args, **kwargs)
-    else:
-        def method(self: PioEngineClient, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-            return getattr(self._llm, name)(*args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-# Every other EngineClient method (sleep, LoRA, profiling, caches, pause, supported tasks,
-# weight updates ...) goes to the AsyncLLM as it is: the base class defines them (abstract
-# or raising NotImplementedError), so __getattr__ alone would not reach AsyncLLM's.
-for _name, _attr in list(vars(EngineClient).items()):
-    if _name.startswith("_") or _name in PioEngineClient.__dict__ or not inspect.isfunction(
-            _attr):
-        continue
-    setattr(PioEngineClient, _name, _delegate(_name, inspect.iscoroutinefunction(_attr)))
-PioEngineClient.__abstractmethods__ = frozenset()
+    encode = _delegate("encode")
+    check_health = _delegate("check_health")
+    get_kv_event_sources = _delegate("get_kv_event_sources")
+    notify_kv_transfer_request_rejected = _delegate("notify_kv_transfer_request_rejected")
+    is_tracing_enabled = _delegate("is_tracing_enabled")
+    do_log_stats = _delegate("do_log_stats")
+    start_profile = _delegate("start_profile")
+    stop_profile = _delegate("stop_profile")
+    reset_mm_cache = _delegate("reset_mm_cache")
+    reset_encoder_cache = _delegate("reset_encoder_cache")
+    reset_prefix_cache = _delegate("reset_prefix_cache")
+    sleep = _delegate("sleep")
+    release_kv_cache_memory = _delegate("release_kv_cache_memory")
+    wake_up = _delegate("wake_up")
+    is_sleeping = _delegate("is_sleeping")
+    add_lora = _delegate("add_lora")
+    pause_generation = _delegate("pause_generation")
+    resume_generation = _delegate("resume_generation")
+    is_paused = _delegate("is_paused")
+    scale_elastic_ep = _delegate("scale_elastic_ep")
+    collective_rpc = _delegate("collective_rpc")
+    compute_weight_checksums = _delegate("compute_weight_checksums")
+    handle_fault = _delegate("handle_fault")
+    get_status = _delegate("get_status")
+    get_supported_tasks = _delegate("get_supported_tasks")
+    init_weight_transfer_engine = _delegate("init_weight_transfer_engine")
+    shutdown_weight_transfer_engine = _delegate("shutdown_weight_transfer_engine")
+    start_weight_update = _delegate("start_weight_update")
+    start_draft_weight_update = _delegate("start_draft_weight_update")
+    update_weights = _delegate("update_weights")
+    finish_weight_update = _delegate("finish_weight_update")
+    update_weight_version = _delegate("update_weight_version")
+    get_weight_version = _delegate("get_weight_version")

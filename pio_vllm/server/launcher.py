@@ -80,7 +80,12 @@ async def run_server(args: Any, settings: PioSettings) -> None:
     from pio_vllm.engine.vllm_backend import resolve_model
     from pio_vllm.server.engine_client import PioEngineClient
     from pio_vllm.server.http_errors import install_error_handler
-    from pio_vllm.server.request_gate import built_gates, configure_gate
+    from pio_vllm.server.request_gate import (
+        APP_STATE_KEY,
+        GATE_MIDDLEWARE,
+        RequestGate,
+        gate_image_loader,
+    )
 
     listen_address, sock = setup_server(args, reuse_port=False)
     model_path = resolve_model(settings)
@@ -89,16 +94,18 @@ async def run_server(args: Any, settings: PioSettings) -> None:
         args.tokenizer = model_path
     engine = PioEngine(settings, registry=prometheus_client.REGISTRY)
     engine.start_blocking(UsageContext.OPENAI_API_SERVER)
-    # EngineClient's other abstract methods are attached as AsyncLLM delegates at import
-    # (engine_client.py), which mypy cannot see.
-    client = PioEngineClient(engine)  # type: ignore[abstract]
+    client = PioEngineClient(engine)
     client.bind_loop(asyncio.get_running_loop())
     await client.reset_mm_cache()  # as vLLM's launcher: drop the profiling dummy data
 
     supported_tasks = await client.get_supported_tasks()
-    gate_path = configure_gate(engine, settings, draining=lambda: client.draining)
-    args.middleware = [*(args.middleware or []), gate_path]  # outermost: added last
+    # vLLM's --middleware seam; added last, so outermost: the gate sees every request
+    # before vLLM's own middleware. Its configuration travels on the app's state.
+    args.middleware = [*(args.middleware or []), GATE_MIDDLEWARE]
     app = build_app(args, supported_tasks, client.model_config)
+    images = gate_image_loader(settings)
+    setattr(app.state, APP_STATE_KEY, RequestGate(
+        engine=engine, settings=settings, images=images, draining=lambda: client.draining))
     install_error_handler(app)
     await init_app_state(client, app.state, args, supported_tasks)
 
@@ -130,8 +137,7 @@ async def run_server(args: Any, settings: PioSettings) -> None:
         await shutdown_task
     finally:
         sock.close()
-        for gate in built_gates:
-            await gate.aclose()
+        await images.aclose()
         if not engine.closed:
             await engine.shutdown()
 

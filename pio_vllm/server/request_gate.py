@@ -8,8 +8,11 @@ For every /v1 request, before vLLM parses it:
    (level or class name), else the API key's class, else the default class. An unknown class
    is a 400. The body's `priority` is rewritten to the level so vLLM's own field agrees.
 3. Deadline: the `X-Request-Timeout-S` header (seconds) bounds queueing and generation (504).
-4. Admission: a queue place is reserved now (429 with Retry-After when shed), so a request
-   that is refused costs no image work.
+4. Admission: the request waits in pio's queue, in priority order, holding only its bounded
+   body (429 with Retry-After when shed, 504 when its deadline passes there; a client that
+   disconnects leaves the queue). Nothing below runs for it before it leaves the queue: an
+   urgent request never waits behind a flood's image fetching, chat templating or image
+   processing, which vLLM's serving layer does for each request in arrival order.
 5. Images (chat `image_url` parts): data URLs are size- and header-checked; http(s) URLs are
    fetched under pio's domain allow-list, byte and time limits; file URLs are refused unless
    under `images.allowed_local_dirs`. Fetched and local images are handed to vLLM as data
@@ -17,12 +20,14 @@ For every /v1 request, before vLLM parses it:
    come from the header only: decompression bombs are refused before any decode.
 
 What the gate decided travels to `PioEngineClient` in a context variable (`current_request`);
-a reserved place that no engine call took over is released when the response ends.
+an admission place that no engine call took over is released when the response ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
@@ -34,7 +39,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from pio_vllm.admission.controller import Ticket
+from pio_vllm.admission.controller import Release, Ticket
 from pio_vllm.engine.pio_engine import PioEngine
 from pio_vllm.errors import (
     EngineNotRunningError,
@@ -67,10 +72,10 @@ class ServedRequest:
     """What the gate decided for one HTTP request; read by PioEngineClient."""
 
     level: int
-    class_name: str | None
+    class_name: str
     tenant: str | None
     deadline_at: float | None  # monotonic
-    ticket: Ticket | None = None  # reserved admission place, until an engine call takes it
+    ticket: Ticket | None = None  # admission place left to use, until an engine call takes it
 
     def take_ticket(self) -> Ticket | None:
         ticket, self.ticket = self.ticket, None
@@ -81,12 +86,48 @@ current_request: ContextVar[ServedRequest | None] = ContextVar(
     "pio_current_request", default=None)
 
 
-class RequestGate:
-    """ASGI middleware. While `draining()` is true (SIGTERM), new /v1 requests get 503."""
+def gate_image_loader(settings: PioSettings) -> ImageLoader:
+    """The gate's image loader: the server never reads the local disk unless an allowed
+    directory is configured. The launcher owns (and closes) it."""
+    image_settings: ImageSettings = settings.images.model_copy(
+        update={"allow_local_files": settings.images.allowed_local_dirs is not None})
+    return ImageLoader(image_settings)
 
-    def __init__(self, app: Any, engine: PioEngine, settings: PioSettings,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+
+class GateMiddleware:
+    """The ASGI middleware vLLM builds from `--middleware` (vLLM 0.32.0
+    `init_entrypoints_middleware`: the import path, the next app as the only argument). It
+    runs the RequestGate the launcher put on the app's state (`APP_STATE_KEY`); without one
+    it refuses every request (503) rather than serve ungated."""
+
+    def __init__(self, app: Any) -> None:
         self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        gate = getattr(getattr(scope.get("app"), "state", None), APP_STATE_KEY, None)
+        if gate is None:
+            if scope["type"] == "http":
+                await error_response(EngineNotRunningError(
+                    "pio's request gate is not configured; the server refuses requests"))(
+                    scope, receive, send)
+            return
+        await gate.serve(scope, receive, send, self.app)
+
+
+# Where the launcher puts the RequestGate: `app.state.pio_request_gate`.
+APP_STATE_KEY = "pio_request_gate"
+GATE_MIDDLEWARE = f"{__name__}.GateMiddleware"
+
+
+class RequestGate:
+    """pio's checks and queue in front of vLLM's routes, for one server. While
+    `draining()` is true (SIGTERM), new /v1 requests get 503."""
+
+    def __init__(self, *, engine: PioEngine, settings: PioSettings, images: ImageLoader,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self._draining = draining
         self._engine = engine
         self._settings = settings
@@ -95,20 +136,15 @@ class RequestGate:
             hashlib.sha256(k.key.get_secret_value().encode()).digest(): k
             for k in settings.server.api_keys or []
         }
-        # The server never reads the local disk unless an allowed directory is configured.
-        image_settings: ImageSettings = settings.images.model_copy(
-            update={"allow_local_files": settings.images.allowed_local_dirs is not None})
-        self._images = ImageLoader(image_settings)
+        self._images = images
         self._ids = itertools.count()
 
-    async def aclose(self) -> None:
-        await self._images.aclose()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def serve(self, scope: Scope, receive: Receive, send: Send, app: Any) -> None:
+        """Check `scope`'s request and pass it to `app` (vLLM's routes) when admitted."""
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith(GUARDED_PREFIX) or (
                 scope.get("method") == "OPTIONS"):
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         served: ServedRequest | None = None
         try:
@@ -117,7 +153,9 @@ class RequestGate:
                 raise EngineNotRunningError("the server is shutting down; retry elsewhere")
             if scope.get("method") == "POST" and path in GENERATE_PATHS:
                 body = await _read_body(receive, self._server.max_body_bytes)
-                served, body = await self._admit(scope, body, tenant, key_class)
+                served, body = await self._admit(scope, receive, body, tenant, key_class)
+                if served is None:  # the client left while queued
+                    return
                 receive = _replay(body, receive)
                 scope["headers"] = [
                     (k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"
@@ -132,13 +170,14 @@ class RequestGate:
             return
         token = current_request.set(served)
         try:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
         finally:
             current_request.reset(token)
             ticket = served.take_ticket()
             admission = self._engine.admission
             if ticket is not None and admission is not None:
-                admission.cancel_reservation(ticket)
+                # vLLM refused the request before it reached the engine (a 400 of its own)
+                admission.release(ticket, Release.FAILED)
 
     # -- steps --------------------------------------------------------------------------
 
@@ -161,8 +200,11 @@ class RequestGate:
         return found.tenant, found.priority_class
 
     async def _admit(
-        self, scope: Scope, body: bytes, tenant: str | None, key_class: str | None
-    ) -> tuple[ServedRequest, bytes]:
+        self, scope: Scope, receive: Receive, body: bytes, tenant: str | None,
+        key_class: str | None,
+    ) -> tuple[ServedRequest | None, bytes]:
+        """Wait in pio's queue, then check and fetch images. (None, body) when the client
+        disconnected while queued."""
         try:
             payload = json.loads(body)
         except ValueError:
@@ -181,20 +223,23 @@ class RequestGate:
         served = ServedRequest(level, name, tenant, deadline_at)
         admission = self._engine.admission
         if admission is not None:
-            ticket = admission.ticket(f"http-{next(self._ids)}", level, name, deadline_at)
-            admission.reserve(ticket)  # RequestRejectedError -> 429 before any image work
+            ticket = admission.ticket(f"http-{next(self._ids)}", level, name, deadline_at,
+                                      slots=_sequences(payload))
+            if not await _wait_unless_disconnected(admission.admit(ticket), receive):
+                return None, body
             served.ticket = ticket
         try:
             rewrite = await self._check_images(payload) or rewrite
         except BaseException:
-            if served.ticket is not None and admission is not None:
-                admission.cancel_reservation(served.take_ticket())  # type: ignore[arg-type]
+            unused = served.take_ticket()
+            if unused is not None and admission is not None:
+                admission.release(unused, Release.FAILED)
             raise
         return served, json.dumps(payload).encode() if rewrite else body
 
     def _priority(
         self, scope: Scope, payload: dict[str, Any], key_class: str | None
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str]:
         header = _header(scope, self._server.priority_header.lower())
         raw: Any
         if header is not None:
@@ -267,6 +312,36 @@ class RequestGate:
         return rewritten_any
 
 
+def _sequences(payload: dict[str, Any]) -> int:
+    """Sequences a request runs in vLLM (its admission slots): n, or best_of if larger."""
+    counts = [payload.get("n"), payload.get("best_of")]
+    return max([1, *(c for c in counts if isinstance(c, int) and not isinstance(c, bool))])
+
+
+async def _wait_unless_disconnected(admitted: Any, receive: Receive) -> bool:
+    """Await `admitted` (the queue wait); False, with the wait cancelled, if the client
+    disconnects first. The body has been read, so `receive` only reports a disconnect."""
+    admit = asyncio.ensure_future(admitted)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({admit, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (admit, watch):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if admit.cancelled():
+        return False
+    admit.result()  # raises RequestRejectedError / DeadlineExceededError
+    return True
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _header(scope: Scope, name: str) -> str | None:
     target = name.lower().encode()
     for key, value in scope.get("headers") or []:
@@ -305,30 +380,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-# vLLM's `--middleware` seam (vLLM 0.32.0 `init_entrypoints_middleware`) builds middleware
-# from an import path, with the app as the only argument; the launcher puts the gate's
-# engine and settings here first. One server per process.
-_gate_config: tuple[PioEngine, PioSettings, Callable[[], bool]] | None = None
-built_gates: list[RequestGate] = []
-
-
-def configure_gate(engine: PioEngine, settings: PioSettings,
-                   draining: Callable[[], bool]) -> str:
-    """Set what GateMiddleware builds its gate from; returns its import path for vLLM."""
-    global _gate_config
-    _gate_config = (engine, settings, draining)
-    return f"{__name__}.GateMiddleware"
-
-
-class GateMiddleware:
-    """What vLLM instantiates with `app`: a RequestGate from `configure_gate`."""
-
-    def __new__(cls, app: Any) -> RequestGate:  # type: ignore[misc]
-        if _gate_config is None:
-            raise RuntimeError("configure_gate() must run before vLLM builds the app")
-        engine, settings, draining = _gate_config
-        gate = RequestGate(app, engine, settings, draining)
-        built_gates.append(gate)
-        return gate

@@ -52,7 +52,8 @@ async def test_tuning_loop_fits_step_time_and_applies_limits(tuned_engine: PioEn
         pushed.max_active, pushed.max_tokens)
     print("fitted step model:", stats.model, "limits:", stats.limits)
     assert tuned_engine.admission is not None
-    assert tuned_engine.admission.window == loop.tuner.limits.max_active
+    lookahead = tuned_engine.settings.admission.lookahead
+    assert tuned_engine.admission.capacity == loop.tuner.limits.max_active + lookahead
 
 
 async def test_runtime_cap_bounds_running_requests(tuned_engine: PioEngine) -> None:
@@ -60,7 +61,7 @@ async def test_runtime_cap_bounds_running_requests(tuned_engine: PioEngine) -> N
     assert loop is not None and tuned_engine.admission is not None
     await loop.aclose()  # hold the limits still: no tuner decisions during this test
     backend = tuned_engine.backend
-    tuned_engine.admission.set_window(8)  # pio lets all 8 into vLLM ...
+    tuned_engine.admission.set_capacity(10)  # pio lets all 8 into vLLM ...
     await backend.batch_limits(2, None, None)  # ... the scheduler runs at most 2
     await backend.batch_limits(None, None, None)  # drop samples from before the cap
     await tuned_engine.generate_batch(requests(8, 24))
@@ -82,7 +83,7 @@ async def test_encoder_budget_encodes_one_image_per_step(tuned_engine: PioEngine
     backend = tuned_engine.backend
     assert tuned_engine.tuning is not None and tuned_engine.admission is not None
     await tuned_engine.tuning.aclose()
-    tuned_engine.admission.set_window(8)
+    tuned_engine.admission.set_capacity(10)
     sizes = [(320 + 32 * i, 240) for i in range(6)]
     largest = max(vision_tokens(w, h, backend.geometry) for w, h in sizes)
     limits = await backend.batch_limits(8, None, None, 1)

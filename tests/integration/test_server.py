@@ -182,11 +182,88 @@ async def test_shed_is_429_with_retry_after(server: Server) -> None:
             assert "queue is full" in e.message
             return 429
 
-    # 4 run (max_num_seqs), 2 queue (batch max_queue_len), the rest are shed at once.
-    codes = await asyncio.gather(*(one() for _ in range(9)))
+    # 6 go to vLLM (max_num_seqs 4 + lookahead 2), 2 queue (batch max_queue_len), the
+    # rest are shed at once.
+    codes = await asyncio.gather(*(one() for _ in range(11)))
     assert codes.count(429) == 3, codes
-    assert codes.count(200) == 6
+    assert codes.count(200) == 8
     await wait_idle(server)
+
+
+async def _fill_capacity(server: Server, key: str = "key-batch") -> list[object]:
+    """Streams of long requests that take pio's whole capacity (max_num_seqs 4 running in
+    vLLM + lookahead 2 waiting there); returns once each running one has streamed."""
+    c = client(server, key)
+    streams = [await c.completions.create(model=MODEL, prompt=f"fill {i}", max_tokens=3000,
+                                          stream=True, extra_body={"ignore_eos": True})
+               for i in range(6)]
+    for stream in streams[:4]:  # vLLM runs the first four: each streams a first chunk
+        await stream.__anext__()
+    return streams  # type: ignore[return-value]
+
+
+async def test_queued_request_is_not_rendered_while_a_later_urgent_one_goes_first(
+        server: Server) -> None:
+    """With the capacity full of batch streams, a queued batch request's image URL is not
+    fetched (so vLLM has not rendered it either) while an interactive request that arrived
+    later is answered; closing the streams lets it through."""
+    png = encode(noise_image(96, 64, seed=6))
+    loop = asyncio.get_running_loop()
+    fetched = asyncio.Event()
+
+    def serve_png(h: BaseHTTPRequestHandler) -> None:
+        loop.call_soon_threadsafe(fetched.set)
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")
+        h.send_header("Content-Length", str(len(png)))
+        h.end_headers()
+        h.wfile.write(png)
+
+    streams = await _fill_capacity(server)
+    with http_server({"/queued.png": serve_png}) as base:
+        queued = asyncio.create_task(client(server, "key-batch").chat.completions.create(
+            model=MODEL, messages=image_message(base + "/queued.png"),  # type: ignore[arg-type]
+            max_tokens=4))
+        await _until(lambda: metric(scrape(server), "pio_queued_requests",
+                                    priority_class="batch") == 1)
+        urgent = await client(server, "key-interactive").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "now"}], max_tokens=4)  # type: ignore[list-item]
+        assert urgent.choices[0].finish_reason == "length"
+        assert not fetched.is_set(), "the queued request's image was fetched"
+        for stream in streams:
+            await stream.close()  # type: ignore[attr-defined]
+        answer = await asyncio.wait_for(queued, 60)
+    assert fetched.is_set() and answer.usage is not None and answer.usage.prompt_tokens > 20
+    await wait_idle(server)
+
+
+async def test_client_leaving_while_queued_leaves_the_queue(server: Server) -> None:
+    before = metric(scrape(server), "pio_admission_events_total", event="cancelled")
+    streams = await _fill_capacity(server)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        request = http.build_request("POST", "/v1/completions", headers={
+            "Authorization": "Bearer key-batch"}, json={"model": MODEL, "prompt": "q",
+                                                        "max_tokens": 4, "stream": True})
+        response = asyncio.create_task(http.send(request, stream=True))
+        await _until(lambda: metric(scrape(server), "pio_queued_requests",
+                                    priority_class="batch") == 1)
+        response.cancel()  # the client goes away while its request waits in pio's queue
+        await asyncio.gather(response, return_exceptions=True)
+    await _until(lambda: metric(scrape(server), "pio_queued_requests") == 0)
+    for stream in streams:
+        await stream.close()  # type: ignore[attr-defined]
+    text = await wait_idle(server)
+    # the queued client and the six streams closed mid-way
+    assert metric(text, "pio_admission_events_total", event="cancelled") == before + 7
+
+
+async def _until(predicate: object, timeout_s: float = 30) -> None:
+    """Wait until `predicate()` holds (a metric reached a value), polling /metrics."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
 
 
 async def test_client_disconnect_aborts_in_vllm(server: Server) -> None:
@@ -277,7 +354,7 @@ async def test_preempted_requests_resume_with_identical_output(server: Server) -
         return str(out.choices[0].text)
 
     runs = [asyncio.create_task(f()) for f in (streamed, full, streamed, full)]
-    await asyncio.sleep(0.5)  # the four fill max_num_seqs
+    await _until(lambda: metric(scrape(server), "vllm:num_requests_running") == 4)
     urgent = client(server, "key-interactive")
     await asyncio.gather(*(urgent.completions.create(model=MODEL, prompt="now", max_tokens=4)
                            for _ in range(2)))
@@ -317,7 +394,10 @@ def test_sigterm_drains_then_exits_0(server: Server) -> None:
     first_short, first_long = next(iter(short)), next(iter(long))
     assert first_short and first_long
     server.proc.send_signal(15)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while "draining:" not in server.log():  # pio logs the drain's start
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.05)
     refused = httpx.post(server.base_url + "/v1/completions", headers={
         "Authorization": "Bearer key-plain"}, json={"model": MODEL, "prompt": "x"})
     assert refused.status_code == 503, refused.text
