@@ -6,6 +6,7 @@ Every error pio raises to a caller is one of these. The tree::
     ├── ConfigError                 bad settings or engine arguments; fatal at start
     ├── RequestError                the request cannot be served as sent
     │   ├── InvalidRequestError     bad input (HTTP 400)
+    │   │   ├── PayloadTooLargeError    body over the server's limit (HTTP 413)
     │   │   ├── EmptyPromptError
     │   │   ├── PromptTooLongError
     │   │   ├── InvalidSamplingError
@@ -17,8 +18,10 @@ Every error pio raises to a caller is one of these. The tree::
     │   │       ├── ImageDecodeError        bytes are not a readable image
     │   │       ├── ImageTooLargeError      over the byte or pixel limit (decompression bombs)
     │   │       └── TooManyImagesError
+    │   ├── BodyTimeoutError        the body did not arrive in time (HTTP 408)
+    │   ├── RouteNotServedError     a route pio does not serve (HTTP 404)
     │   ├── UnauthorizedError       missing or unknown API key (HTTP 401)
-    │   │   └── PriorityNotAllowedError  a class above the API key's (HTTP 403)
+    │   │   └── PriorityNotAllowedError  a class above the request's ceiling (HTTP 403)
     │   ├── RequestRejectedError    shed by admission (HTTP 429, retry_after_s)
     │   └── DeadlineExceededError   the request's deadline passed (HTTP 504)
     └── EngineError                 the engine cannot serve (HTTP 503)
@@ -46,6 +49,18 @@ class RequestError(PioError):
 
 class InvalidRequestError(RequestError):
     """The request is malformed or violates a configured limit."""
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the server accepts."""
+
+
+class BodyTimeoutError(RequestError):
+    """The client did not send its whole body within the server's body deadline."""
+
+
+class RouteNotServedError(RequestError):
+    """pio's server does not serve this route (deny by default)."""
 
 
 class EmptyPromptError(InvalidRequestError):
@@ -106,7 +121,8 @@ class UnauthorizedError(RequestError):
 
 
 class PriorityNotAllowedError(UnauthorizedError):
-    """The request names a higher class than its API key allows."""
+    """The request names a higher class than its API key (or the server's ceiling for
+    requests without a key class) allows."""
 
 
 class RequestRejectedError(RequestError):

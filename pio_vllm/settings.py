@@ -121,6 +121,22 @@ class ImageSettings(BaseModel):
         default=None,
         description="If set, http(s) images may only come from these hosts (or subdomains).",
     )
+    allowed_private_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks image fetches may connect to, as 'CIDR' or "
+        "'CIDR:PORT' ('10.0.0.0/8', '127.0.0.1/32:8080', '[fd00::]/8:9000'). Empty (the "
+        "default): only public addresses; loopback, private, link-local, unique-local, "
+        "multicast, unspecified and reserved ones are refused in every spelling.",
+    )
+
+    @field_validator("allowed_private_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from pio_vllm.intake.address_policy import parse_exception
+
+        for spec in value:
+            parse_exception(spec)  # ValueError names the spec and the accepted forms
+        return value
 
 
 class AdmissionSettings(BaseModel):
@@ -251,8 +267,15 @@ class ServerSettings(BaseModel):
 
     api_keys: list[ApiKey] | None = Field(
         default=None,
-        description="If set, every /v1 request needs one of these keys (else 401, and it "
-        "never reaches the engine).",
+        description="If set, every route but /health, /metrics and /version needs one of "
+        "these keys (else 401, and the request never reaches the engine).",
+    )
+    priority_ceiling: str | None = Field(
+        default=None,
+        description="Highest class a request may take unless its API key names a class: "
+        "applies to keys without a priority_class and to every request when no keys are "
+        "configured (a higher class is a 403). None: default_priority_class, so such "
+        "requests can only lower their priority.",
     )
     priority_header: str = Field(
         default="X-Priority", description="Header naming a request's class or level."
@@ -263,6 +286,24 @@ class ServerSettings(BaseModel):
     )
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="Largest request body accepted (413)."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="Time a client has to send its whole request body (408 after).",
+    )
+    max_json_depth: int = Field(
+        default=64, ge=4, description="Deepest JSON nesting accepted in a body (400 beyond)."
+    )
+    max_sequences_per_request: int = Field(
+        default=8, ge=1,
+        description="Largest n / best_of (sequences one request runs in vLLM; each takes an "
+        "admission slot); more is a 400.",
+    )
+    extra_routes: list[str] = Field(
+        default_factory=list,
+        description="vLLM routes pio turns off by default to serve anyway (exact paths, e.g. "
+        "'/tokenize'): they get the API-key check, body limits and the media policy, but no "
+        "admission. Generation routes are always gated; everything else is off.",
     )
     drain_timeout_s: float = Field(
         default=30.0,
@@ -365,6 +406,11 @@ class PioSettings(BaseSettings):
                 f"default_priority_class {self.default_priority_class!r} is not one of the "
                 f"priority_classes {sorted(self.priority_classes)}"
             )
+        ceiling = self.server.priority_ceiling
+        if ceiling is not None and ceiling not in self.priority_classes:
+            raise ValueError(
+                f"server.priority_ceiling {ceiling!r} is not one of the priority_classes "
+                f"{sorted(self.priority_classes)}")
         for i, api_key in enumerate(self.server.api_keys or []):
             if api_key.priority_class is not None and (
                     api_key.priority_class not in self.priority_classes):

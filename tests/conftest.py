@@ -1,12 +1,16 @@
-"""Shared fixtures: settings of the tiny CPU config, the tiny checkpoint, one engine per session.
+"""Shared fixtures: settings of the tiny CPU config, the tiny checkpoint, one engine and one
+`pio-vllm serve` process per session.
 
 The tiny Qwen3-VL is built once into the default model cache (~/.cache/pio-vllm/models), the
 same folder `pio-vllm demo` uses. The engine is real vLLM (CPU build) and is started once for
-the whole test session; tests must leave it idle (see `assert_vllm_idle`).
+the whole test session; tests must leave it idle (see `assert_vllm_idle`). The server is
+started on first use and shared by the server test modules; the last of them
+(test_server_shutdown.py) stops it with SIGTERM, and a later user would get a fresh one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import pytest_asyncio
 
 from pio_vllm.settings import PioSettings
 from tests.helpers import tiny_settings
+from tests.server_helpers import ImageHost, Server, shared_server_config, start_server
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +40,44 @@ async def engine(settings: PioSettings, tiny_model_dir: Path):
 
     async with PioEngine(settings) as eng:
         yield eng
+
+
+@pytest.fixture(scope="session")
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost()
+    yield host
+    host.close()
+
+
+class _ServerSlot:
+    """The shared server, restarted if a test stopped it."""
+
+    def __init__(self, tmp: Path, image_host: ImageHost) -> None:
+        self._tmp = tmp
+        self._config = shared_server_config(tmp / "server.yaml", image_host.port)
+        self._server: Server | None = None
+        self._starts = 0
+
+    def get(self) -> Server:
+        if self._server is None or self._server.proc.poll() is not None:
+            self._starts += 1
+            self._server = start_server(self._config, self._tmp / f"server{self._starts}.log")
+        return self._server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_slot(tmp_path_factory: pytest.TempPathFactory,
+                image_host: ImageHost) -> Iterator[_ServerSlot]:
+    slot = _ServerSlot(tmp_path_factory.mktemp("server"), image_host)
+    yield slot
+    slot.stop()
+
+
+@pytest.fixture
+def server(server_slot: _ServerSlot) -> Server:
+    """The shared `pio-vllm serve` process (see server_helpers.shared_server_config)."""
+    return server_slot.get()

@@ -23,9 +23,11 @@ TINY_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
 def tiny_settings(**overrides: object) -> PioSettings:
-    """Settings of configs/tiny-cpu.yaml with test-friendly limits (1.5 s URL fetches)."""
+    """Settings of configs/tiny-cpu.yaml with test-friendly limits (1.5 s URL fetches) and
+    fetches from loopback allowed (the tests' image servers; nothing else is reachable)."""
     base = PioSettings.load(TINY_CONFIG)
-    images = base.images.model_copy(update={"fetch_timeout_s": 1.5})
+    images = base.images.model_copy(update={"fetch_timeout_s": 1.5,
+                                            "allowed_private_networks": ["127.0.0.1/32"]})
     return base.model_copy(update={"images": images, **overrides})
 
 

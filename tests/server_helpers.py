@@ -1,4 +1,5 @@
-"""Launch `pio-vllm serve` as a real process on 127.0.0.1 for the server tests."""
+"""Launch `pio-vllm serve` as a real process on 127.0.0.1 for the server tests; the image host
+the shared server may fetch from (one loopback port, opened in its config)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,48 @@ import httpx
 
 from benchmarks.harness import derive_config
 from benchmarks.server_mode import free_port
-from tests.helpers import TINY_CONFIG
+from tests.helpers import TINY_CONFIG, Route, http_server
 
 KEYS = {
     "key-interactive": {"tenant": "alpha", "priority_class": "interactive"},
     "key-batch": {"tenant": "beta", "priority_class": "batch"},
     "key-plain": {"tenant": "gamma"},
 }
+
+
+MODEL = "pio:tiny"
+
+
+class ImageHost:
+    """A loopback HTTP server whose routes tests add while it runs (`routes[path] = ...`);
+    the shared server's config allows fetches from its port only."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self._cm = http_server(self.routes)
+        self.base = self._cm.__enter__()
+        self.port = int(self.base.rsplit(":", 1)[1])
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def shared_server_config(path: Path, image_port: int) -> Path:
+    """The shared test server: max_num_seqs 4 (capacity 4 + lookahead 2), a batch queue of
+    2, three API keys, the image host's port as the only non-public fetch destination."""
+    return write_config(
+        path,
+        engine={"max_num_seqs": 4, "disable_log_stats": False},
+        priority_classes={
+            "interactive": {"level": 0, "max_queue_len": 16, "weight": 4.0},
+            "standard": {"level": 1, "max_queue_len": 16, "weight": 2.0},
+            "batch": {"level": 2, "max_queue_len": 2, "weight": 1.0},
+        },
+        images={"max_image_bytes": 2_000_000,
+                "allowed_private_networks": [f"127.0.0.1/32:{image_port}"]},
+        server={"api_keys": [{"key": k, **v} for k, v in KEYS.items()],
+                "drain_timeout_s": 4.0, "body_timeout_s": 3.0, "max_body_bytes": 4_000_000},
+    )
 
 
 def write_config(path: Path, **sections: Any) -> Path:
@@ -81,3 +117,17 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def logged_routes(log: str) -> dict[str, dict[str, str]]:
+    """path -> method -> policy, from the route table the server logs at start-up."""
+    table: dict[str, dict[str, str]] = {}
+    for line in log.splitlines():
+        head, sep, rest = line.partition(" route ")
+        if not sep or "pio_vllm.server.launcher" not in head:
+            continue
+        path, _, policies = rest.partition(": ")
+        for item in policies.split(", "):
+            method, _, policy = item.strip().partition(" ")
+            table.setdefault(path, {})[method] = policy
+    return table

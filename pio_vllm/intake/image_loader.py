@@ -40,6 +40,7 @@ from pio_vllm.errors import (
     ImageTooLargeError,
     RequestRejectedError,
 )
+from pio_vllm.intake.address_policy import AddressPolicy, parse_exception
 from pio_vllm.intake.url_fetcher import UrlFetcher
 from pio_vllm.request import ImageInput
 from pio_vllm.settings import ImageSettings
@@ -110,6 +111,8 @@ class ImageLoader:
             timeout_s=settings.fetch_timeout_s,
             max_bytes=settings.max_image_bytes,
             allowed_domains=settings.allowed_url_domains,
+            address_policy=AddressPolicy(
+                parse_exception(spec) for spec in settings.allowed_private_networks),
         )
         self._cache: OrderedDict[str, LoadedImage] = OrderedDict()
         self._cache_bytes = 0
@@ -309,12 +312,15 @@ class ImageLoader:
             ) from e
         except UnidentifiedImageError as e:
             raise ImageDecodeError(
-                f"cannot identify image format of {len(data)} bytes (starts {data[:8]!r}); "
-                "accepted: formats Pillow decodes (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)",
+                f"cannot identify the image format of {len(data)} bytes; accepted: formats "
+                "Pillow decodes (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)",
                 index,
             ) from e
         except (OSError, SyntaxError, ValueError) as e:
-            raise ImageDecodeError(f"image bytes are corrupt or truncated: {e}", index) from e
+            # Pillow's message can quote the bytes it read: name the failure only.
+            raise ImageDecodeError(
+                f"image bytes are corrupt or truncated ({type(e).__name__}); accepted: a "
+                "complete image file", index) from e
 
     def _from_pil(self, image: Image.Image, index: int | None) -> LoadedImage:
         self._check_pixels(image.width, image.height, index)

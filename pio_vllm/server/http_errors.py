@@ -17,17 +17,23 @@ from starlette.responses import JSONResponse
 from vllm.exceptions import GracefulHTTPError
 
 from pio_vllm.errors import (
+    BodyTimeoutError,
     DeadlineExceededError,
     EngineError,
     InvalidRequestError,
+    PayloadTooLargeError,
     PioError,
     PriorityNotAllowedError,
     RequestRejectedError,
+    RouteNotServedError,
     UnauthorizedError,
 )
 
 # Most specific first.
 _STATUS: tuple[tuple[type[PioError], HTTPStatus], ...] = (
+    (PayloadTooLargeError, HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+    (BodyTimeoutError, HTTPStatus.REQUEST_TIMEOUT),
+    (RouteNotServedError, HTTPStatus.NOT_FOUND),
     (PriorityNotAllowedError, HTTPStatus.FORBIDDEN),
     (UnauthorizedError, HTTPStatus.UNAUTHORIZED),
     (RequestRejectedError, HTTPStatus.TOO_MANY_REQUESTS),

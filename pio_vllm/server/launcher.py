@@ -60,10 +60,48 @@ def parse_args(argv: list[str], default_config: str | None) -> tuple[Any, PioSet
         if hasattr(args, name) and getattr(args, name) != vllm_defaults[name]
     }
     engine["model"] = args.model
-    settings = settings.model_copy(update={"engine": engine})
+    settings = _media_policy(settings.model_copy(update={"engine": engine}), args)
     if args.served_model_name is None and str(args.model).startswith("pio:"):
         args.served_model_name = [args.model]  # clients ask for 'pio:tiny', not a cache path
     return args, settings
+
+
+# vLLM's media allow-list for pio's server: a reserved name no URL can match, so vLLM fetches
+# nothing itself; the gate fetches (under pio's SSRF policy) and hands images inline.
+VLLM_MEDIA_DOMAINS = ["pio-gate.invalid"]
+
+
+def _media_policy(settings: PioSettings, args: Any) -> PioSettings:
+    """Put media fetching under pio's policy: `--allowed-media-domains` becomes pio's
+    allow-list, vLLM itself may fetch nothing, and vLLM's local-file access is refused."""
+    if getattr(args, "allowed_local_media_path", None):
+        raise ConfigError(
+            f"--allowed-local-media-path {args.allowed_local_media_path!r} would let vLLM read "
+            "local files past pio's gate; use images.allowed_local_dirs in the pio config")
+    domains = settings.engine.get("allowed_media_domains")
+    images = settings.images
+    if domains and domains != VLLM_MEDIA_DOMAINS:
+        if images.allowed_url_domains is not None and (
+                sorted(images.allowed_url_domains) != sorted(domains)):
+            raise ConfigError(
+                f"--allowed-media-domains {domains} and images.allowed_url_domains "
+                f"{images.allowed_url_domains} disagree; set one of them")
+        images = images.model_copy(update={"allowed_url_domains": list(domains)})
+    engine = {**settings.engine, "allowed_media_domains": VLLM_MEDIA_DOMAINS}
+    args.allowed_media_domains = VLLM_MEDIA_DOMAINS
+    return settings.model_copy(update={"engine": engine, "images": images})
+
+
+def log_routes(app: Any, settings: PioSettings) -> dict[str, dict[str, Any]]:
+    """Log each route of the app with its policy (open, key_only, gated, extra, off)."""
+    from pio_vllm.server.route_policy import route_table
+
+    routes = [(r.path, getattr(r, "methods", None)) for r in app.routes]
+    table = route_table(routes, settings.server.extra_routes)
+    for path, methods in sorted(table.items()):
+        logger.info("route %s: %s", path,
+                    ", ".join(f"{m} {p.value}" for m, p in sorted(methods.items())))
+    return table
 
 
 async def run_server(args: Any, settings: PioSettings) -> None:
@@ -105,8 +143,10 @@ async def run_server(args: Any, settings: PioSettings) -> None:
     app = build_app(args, supported_tasks, client.model_config)
     images = gate_image_loader(settings)
     setattr(app.state, APP_STATE_KEY, RequestGate(
-        engine=engine, settings=settings, images=images, draining=lambda: client.draining))
+        engine=engine, settings=settings, images=images, root_path=args.root_path or "",
+        draining=lambda: client.draining))
     install_error_handler(app)
+    log_routes(app, settings)
     await init_app_state(client, app.state, args, supported_tasks)
 
     uvicorn_kwargs: dict[str, Any] = {}

@@ -1,26 +1,34 @@
-"""RequestGate: pio's ASGI middleware in front of vLLM's OpenAI routes (frontend process).
+"""RequestGate: pio's checks and queue in front of vLLM's routes (frontend process).
 
-For every /v1 request, before vLLM parses it:
+Deny by default (`route_policy.py`): a request to a route pio does not serve is a 404
+before vLLM sees it. For the routes it serves, in order, before vLLM parses anything:
 
-1. API key (when `server.api_keys` is set): a missing or unknown key is a 401 and the request
-   never reaches the engine.
-2. Priority: the `X-Priority` header (class name or level), else the body's `priority`
-   (level or class name), else the API key's class, else the default class. An unknown class
-   is a 400. The body's `priority` is rewritten to the level so vLLM's own field agrees.
-3. Deadline: the `X-Request-Timeout-S` header (seconds) bounds queueing and generation (504).
-4. Admission: the request waits in pio's queue, in priority order, holding only its bounded
+1. API key (when `server.api_keys` is set): a missing or unknown key is a 401.
+2. Body: at most `server.max_body_bytes` (413), complete within `server.body_timeout_s`
+   (408), a JSON object nested at most `server.max_json_depth` deep (400).
+3. Priority (generation routes): the `X-Priority` header, vLLM's `X-Vllm-Priority` header,
+   the body's `priority`, the key's class, else the default class; a configured class name
+   or a level within the classes' range (400 otherwise), never above the key's class or, for
+   requests whose key names none, `server.priority_ceiling` (403). The body's `priority`
+   becomes the resolved level and vLLM's header is dropped, so vLLM sees pio's decision.
+4. Deadline: the `X-Request-Timeout-S` header (seconds) bounds queueing and generation (504).
+5. Sequences: n / best_of up to `server.max_sequences_per_request`; they count as that many
+   admission slots.
+6. Admission: the request waits in pio's queue, in priority order, holding only its bounded
    body (429 with Retry-After when shed, 504 when its deadline passes there; a client that
    disconnects leaves the queue). Nothing below runs for it before it leaves the queue: an
    urgent request never waits behind a flood's image fetching, chat templating or image
    processing, which vLLM's serving layer does for each request in arrival order.
-5. Images (chat `image_url` parts): data URLs are size- and header-checked; http(s) URLs are
-   fetched under pio's domain allow-list, byte and time limits; file URLs are refused unless
-   under `images.allowed_local_dirs`. Fetched and local images are handed to vLLM as data
-   URLs, so vLLM itself never touches the network or the disk for a request. Pixel counts
-   come from the header only: decompression bombs are refused before any decode.
+7. Media (`media_scan.py` finds every image reference in any content shape): http(s) URLs
+   are fetched by pio under its SSRF policy (`intake/url_fetcher.py`), file URLs only under
+   `images.allowed_local_dirs`, and handed to vLLM inline; inline images are size- and
+   header-checked (decompression bombs refused before any decode); audio, video,
+   embeddings, file ids and uuid-only cache references are refused. vLLM itself is started
+   with an allow-list that matches no host, so it fetches nothing.
 
 What the gate decided travels to `PioEngineClient` in a context variable (`current_request`);
 an admission place that no engine call took over is released when the response ends.
+Errors are OpenAI-style bodies from `http_errors.py`.
 """
 
 from __future__ import annotations
@@ -42,17 +50,22 @@ from typing import Any
 from pio_vllm.admission.controller import Release, Ticket
 from pio_vllm.engine.pio_engine import PioEngine
 from pio_vllm.errors import (
+    BodyTimeoutError,
     EngineNotRunningError,
-    ImageError,
+    ImageSourceError,
     InvalidRequestError,
+    PayloadTooLargeError,
     PioError,
     PriorityNotAllowedError,
+    RouteNotServedError,
     TooManyImagesError,
     UnauthorizedError,
     UnknownPriorityError,
 )
 from pio_vllm.intake.image_loader import ImageLoader
 from pio_vllm.server.http_errors import error_response
+from pio_vllm.server.media_scan import MediaKind, MediaRef, scan
+from pio_vllm.server.route_policy import RoutePolicy, classify, strip_root
 from pio_vllm.settings import ImageSettings, PioSettings
 
 logger = logging.getLogger(__name__)
@@ -62,9 +75,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# Routes whose body the gate reads (the others under /v1 get the key check only).
-GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
-GUARDED_PREFIX = "/v1"
+VLLM_PRIORITY_HEADER = "x-vllm-priority"  # vLLM 0.32 GenerateBaseServing.PRIORITY_HEADER
 
 
 @dataclass
@@ -109,10 +120,8 @@ class GateMiddleware:
             return
         gate = getattr(getattr(scope.get("app"), "state", None), APP_STATE_KEY, None)
         if gate is None:
-            if scope["type"] == "http":
-                await error_response(EngineNotRunningError(
-                    "pio's request gate is not configured; the server refuses requests"))(
-                    scope, receive, send)
+            await _refuse(scope, receive, send, EngineNotRunningError(
+                "pio's request gate is not configured; the server refuses requests"))
             return
         await gate.serve(scope, receive, send, self.app)
 
@@ -124,14 +133,15 @@ GATE_MIDDLEWARE = f"{__name__}.GateMiddleware"
 
 class RequestGate:
     """pio's checks and queue in front of vLLM's routes, for one server. While
-    `draining()` is true (SIGTERM), new /v1 requests get 503."""
+    `draining()` is true (SIGTERM), new requests get 503."""
 
     def __init__(self, *, engine: PioEngine, settings: PioSettings, images: ImageLoader,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+                 root_path: str = "", draining: Callable[[], bool] = lambda: False) -> None:
         self._draining = draining
         self._engine = engine
         self._settings = settings
         self._server = settings.server
+        self._root_path = root_path
         self._keys = {
             hashlib.sha256(k.key.get_secret_value().encode()).digest(): k
             for k in settings.server.api_keys or []
@@ -141,43 +151,69 @@ class RequestGate:
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, app: Any) -> None:
         """Check `scope`'s request and pass it to `app` (vLLM's routes) when admitted."""
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(GUARDED_PREFIX) or (
-                scope.get("method") == "OPTIONS"):
+        path = strip_root(scope.get("path", ""), self._root_path)
+        method = "WEBSOCKET" if scope["type"] == "websocket" else scope.get("method", "")
+        if method == "OPTIONS":  # CORS preflight: vLLM's CORS middleware answers it
+            await app(scope, receive, send)
+            return
+        policy = classify(method, path, self._server.extra_routes)
+        if policy is RoutePolicy.OPEN:
             await app(scope, receive, send)
             return
         served: ServedRequest | None = None
         try:
+            if policy is RoutePolicy.OFF:
+                raise RouteNotServedError(
+                    f"{method} {path} is not served: pio serves POST /v1/chat/completions, "
+                    "/v1/completions, /v1/responses, /v1/messages, GET /v1/models, /health, "
+                    "/metrics, /version (an operator may add routes with server.extra_routes)")
             tenant, key_class = self._authenticate(scope)
             if self._draining():
                 raise EngineNotRunningError("the server is shutting down; retry elsewhere")
-            if scope.get("method") == "POST" and path in GENERATE_PATHS:
-                body = await _read_body(receive, self._server.max_body_bytes)
-                served, body = await self._admit(scope, receive, body, tenant, key_class)
-                if served is None:  # the client left while queued
-                    return
-                receive = _replay(body, receive)
-                scope["headers"] = [
-                    (k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-length"
-                ] + [(b"content-length", str(len(body)).encode())]
-            else:
+            if policy is RoutePolicy.KEY_ONLY or method in ("GET", "HEAD", "WEBSOCKET"):
                 level, name = self._engine.resolve_priority(key_class)
                 served = ServedRequest(level, name, tenant, None)
+            else:
+                body = await self._read_body(receive)
+                payload = self._parse(body)
+                before = payload.get("priority")
+                if policy is RoutePolicy.GATED:
+                    served = await self._admit(scope, receive, payload, tenant, key_class)
+                    if served is None:  # the client left while queued
+                        return
+                else:
+                    level, name = self._engine.resolve_priority(key_class)
+                    served = ServedRequest(level, name, tenant, None)
+                # Re-encode only when something changed: a body with megabytes of base64
+                # costs milliseconds to encode on the event loop.
+                if await self._media(payload) or payload.get("priority") != before or (
+                        type(before) is not int):
+                    body = json.dumps(payload).encode()
+                receive = _replay(body, receive)
+                scope["headers"] = [
+                    (k, v) for k, v in scope.get("headers") or []
+                    if k.lower() not in (b"content-length", VLLM_PRIORITY_HEADER.encode())
+                ] + [(b"content-length", str(len(body)).encode())]
         except PioError as e:
+            if served is not None:
+                self._release_unused(served)
             param = "priority" if isinstance(
                 e, UnknownPriorityError | PriorityNotAllowedError) else None
-            await error_response(e, param)(scope, receive, send)
+            await _refuse(scope, receive, send, e, param)
             return
         token = current_request.set(served)
         try:
             await app(scope, receive, send)
         finally:
             current_request.reset(token)
-            ticket = served.take_ticket()
-            admission = self._engine.admission
-            if ticket is not None and admission is not None:
-                # vLLM refused the request before it reached the engine (a 400 of its own)
-                admission.release(ticket, Release.FAILED)
+            # vLLM refused the request before it reached the engine (a 400 of its own)
+            self._release_unused(served)
+
+    def _release_unused(self, served: ServedRequest) -> None:
+        ticket = served.take_ticket()
+        admission = self._engine.admission
+        if ticket is not None and admission is not None:
+            admission.release(ticket, Release.FAILED)
 
     # -- steps --------------------------------------------------------------------------
 
@@ -199,65 +235,95 @@ class RequestGate:
             raise UnauthorizedError("unknown API key")
         return found.tenant, found.priority_class
 
-    async def _admit(
-        self, scope: Scope, receive: Receive, body: bytes, tenant: str | None,
-        key_class: str | None,
-    ) -> tuple[ServedRequest | None, bytes]:
-        """Wait in pio's queue, then check and fetch images. (None, body) when the client
-        disconnected while queued."""
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self._server.max_body_bytes
+        timeout_s = self._server.body_timeout_s
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise InvalidRequestError("client disconnected while sending the body")
+                    chunk = message.get("body", b"")
+                    total += len(chunk)
+                    if total > limit:
+                        raise PayloadTooLargeError(
+                            f"request body is over server.max_body_bytes={limit} bytes; "
+                            "accepted: a smaller body")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError as e:
+            raise BodyTimeoutError(
+                f"the request body did not arrive within server.body_timeout_s="
+                f"{timeout_s}s ({total} bytes received)") from e
+
+    def _parse(self, body: bytes) -> dict[str, Any]:
         try:
             payload = json.loads(body)
-        except ValueError:
-            payload = None
+        except RecursionError as e:
+            raise InvalidRequestError(
+                f"request body is nested too deeply; accepted: JSON nested at most "
+                f"{self._server.max_json_depth} levels") from e
+        except ValueError as e:
+            raise InvalidRequestError(
+                f"request body is not valid JSON ({e.__class__.__name__} at "
+                f"{getattr(e, 'pos', '?')}); accepted: a JSON object") from None
         if not isinstance(payload, dict):
-            # Not a JSON object: vLLM answers with its own 400; no admission is needed.
-            level, name = self._engine.resolve_priority(key_class)
-            return ServedRequest(level, name, tenant, None), body
+            raise InvalidRequestError(
+                f"request body is a JSON {type(payload).__name__}; accepted: a JSON object")
+        depth = _depth(payload, self._server.max_json_depth)
+        if depth > self._server.max_json_depth:
+            raise InvalidRequestError(
+                f"request body is nested more than {self._server.max_json_depth} levels; "
+                f"accepted: at most server.max_json_depth={self._server.max_json_depth}")
+        return payload
+
+    async def _admit(self, scope: Scope, receive: Receive, payload: dict[str, Any],
+                     tenant: str | None, key_class: str | None) -> ServedRequest | None:
+        """Priority, deadline and sequences, then the wait in pio's queue. None when the
+        client disconnected while queued."""
         level, name = self._priority(scope, payload, key_class)
-        # vLLM reads the body's `priority` as a level; rewrite the body only when it must
-        # change (a class name there, or fetched images below): re-encoding a body with
-        # megabytes of base64 costs milliseconds on the event loop.
-        rewrite = isinstance(payload.get("priority"), str)
         payload["priority"] = level
         deadline_at = self._deadline(scope)
+        slots = self._sequences(payload)
         served = ServedRequest(level, name, tenant, deadline_at)
         admission = self._engine.admission
         if admission is not None:
             ticket = admission.ticket(f"http-{next(self._ids)}", level, name, deadline_at,
-                                      slots=_sequences(payload))
+                                      slots=slots)
             if not await _wait_unless_disconnected(admission.admit(ticket), receive):
-                return None, body
+                return None
             served.ticket = ticket
-        try:
-            rewrite = await self._check_images(payload) or rewrite
-        except BaseException:
-            unused = served.take_ticket()
-            if unused is not None and admission is not None:
-                admission.release(unused, Release.FAILED)
-            raise
-        return served, json.dumps(payload).encode() if rewrite else body
+        return served
 
-    def _priority(
-        self, scope: Scope, payload: dict[str, Any], key_class: str | None
-    ) -> tuple[int, str]:
-        header = _header(scope, self._server.priority_header.lower())
-        raw: Any
-        if header is not None:
-            raw = header.strip()
-            if raw.lstrip("-").isdigit():
-                raw = int(raw)
-        elif payload.get("priority") is not None:
-            raw = payload["priority"]
-        else:
+    def _priority(self, scope: Scope, payload: dict[str, Any],
+                  key_class: str | None) -> tuple[int, str]:
+        raw: Any = None
+        for header in (self._server.priority_header.lower(), VLLM_PRIORITY_HEADER):
+            value = _header(scope, header)
+            if value is not None:
+                raw = value.strip()
+                if raw.lstrip("-").isdigit() and len(raw) <= 20:
+                    raw = int(raw)
+                break
+        if raw is None:
+            raw = payload.get("priority")
+        if raw is None:
             raw = key_class
+        if isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)
         level, name = self._engine.resolve_priority(raw)
-        if key_class is not None:
-            key_level = self._settings.priority_classes[key_class].level
-            if level < key_level:
-                raise PriorityNotAllowedError(
-                    f"priority {raw!r} (level {level}) is above this API key's class "
-                    f"{key_class!r} (level {key_level}); accepted: levels >= {key_level}"
-                )
+        ceiling = key_class or self._server.priority_ceiling or (
+            self._settings.default_priority_class)
+        ceiling_level = self._settings.priority_classes[ceiling].level
+        if level < ceiling_level:
+            whose = "this API key's class" if key_class else "server.priority_ceiling"
+            raise PriorityNotAllowedError(
+                f"priority {raw!r} (level {level}) is above {whose} {ceiling!r} (level "
+                f"{ceiling_level}); accepted: levels >= {ceiling_level}")
         return level, name
 
     def _deadline(self, scope: Scope) -> float | None:
@@ -268,54 +334,91 @@ class RequestGate:
             seconds = float(header)
         except ValueError:
             seconds = -1.0
-        if not seconds > 0:
+        if not 0 < seconds < 86400 * 365:
             raise InvalidRequestError(
-                f"{self._server.timeout_header}: {header!r} is invalid; accepted: a positive "
-                "number of seconds"
-            )
+                f"{self._server.timeout_header}: {header[:40]!r} is invalid; accepted: a "
+                "positive number of seconds")
         return time.monotonic() + seconds
 
-    async def _check_images(self, payload: dict[str, Any]) -> bool:
-        """Check every image part; True if one was rewritten (fetched into a data URL)."""
-        parts = [
-            part
-            for message in payload.get("messages") or []
-            if isinstance(message, dict) and isinstance(message.get("content"), list)
-            for part in message["content"]
-            if isinstance(part, dict) and part.get("type") == "image_url"
-        ]
-        if not parts:
+    def _sequences(self, payload: dict[str, Any]) -> int:
+        """Sequences the request runs in vLLM (its admission slots): n, or best_of."""
+        limit = self._server.max_sequences_per_request
+        counts = [1]
+        for field in ("n", "best_of"):
+            value = payload.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(
+                    f"{field}={value!r:.40} is invalid; accepted: an integer from 1 to {limit}")
+            if value > limit:
+                raise InvalidRequestError(
+                    f"{field}={value} is over server.max_sequences_per_request={limit}; "
+                    f"accepted: 1 to {limit}")
+            counts.append(value)
+        return max(counts)
+
+    async def _media(self, payload: dict[str, Any]) -> bool:
+        """Apply the media policy to every reference; True if the payload was rewritten
+        (an image fetched or read, now inline)."""
+        refs = scan(payload)
+        if not refs:
             return False
-        limit = self._settings.images.max_images_per_request
-        engine_limit = self._engine.backend.max_images_engine
-        limit = engine_limit if limit is None else min(limit, engine_limit)
-        if len(parts) > limit:
+        for ref in refs:
+            if ref.kind is MediaKind.REFUSED:
+                raise ImageSourceError(
+                    f"{ref.where}: {ref.detail} are not accepted; accepted: images as "
+                    "http(s) or data: URLs (or Anthropic base64 / url sources)")
+        limit = self._engine.backend.max_images_engine
+        configured = self._settings.images.max_images_per_request
+        limit = limit if configured is None else min(limit, configured)
+        if len(refs) > limit:
             raise TooManyImagesError(
-                f"request has {len(parts)} images; at most {limit} per request are accepted")
-        rewritten_any = False
-        for i, part in enumerate(parts):
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if not isinstance(url, str) or not url:
-                raise ImageError(
-                    f"image_url {image_url!r} has no url; accepted: "
-                    '{"url": "data:image/...;base64,..." | "https://..."}', i)
-            data = await self._images.source_bytes(url, i)
-            _, _, fmt = await self._images.probe(data, i)
-            if not url.startswith("data:"):
-                rewritten = f"data:image/{fmt or 'png'};base64,{base64.b64encode(data).decode()}"
-                if isinstance(image_url, dict):
-                    image_url["url"] = rewritten
-                else:
-                    part["image_url"] = {"url": rewritten}
-                rewritten_any = True
-        return rewritten_any
+                f"request has {len(refs)} images; at most {limit} per request are accepted")
+        rewritten = False
+        for i, ref in enumerate(refs):
+            rewritten = await self._check_image(ref, i) or rewritten
+        return rewritten
+
+    async def _check_image(self, ref: MediaRef, index: int) -> bool:
+        """Check one image; True if it was fetched or read and is now inline."""
+        if ref.kind is MediaKind.ANTHROPIC_BASE64:
+            data_url = f"data:{ref.media_type or 'image/png'};base64,{ref.value}"
+            data = await self._images.source_bytes(data_url, index)
+            await self._images.probe(data, index)
+            return False
+        url = ref.value
+        data = await self._images.source_bytes(url, index)
+        _, _, fmt = await self._images.probe(data, index)
+        if url.startswith("data:"):
+            return False
+        ref.replace_url(
+            f"data:image/{fmt or 'png'};base64,{base64.b64encode(data).decode()}")
+        return True
 
 
-def _sequences(payload: dict[str, Any]) -> int:
-    """Sequences a request runs in vLLM (its admission slots): n, or best_of if larger."""
-    counts = [payload.get("n"), payload.get("best_of")]
-    return max([1, *(c for c in counts if isinstance(c, int) and not isinstance(c, bool))])
+def _depth(node: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, stopping once past `limit` (iterative)."""
+    deepest = 0
+    stack = [(node, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: PioError,
+                  param: str | None = None) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": str(error)[:120]})
+        return
+    await error_response(error, param)(scope, receive, send)
 
 
 async def _wait_unless_disconnected(admitted: Any, receive: Receive) -> bool:
@@ -348,23 +451,6 @@ def _header(scope: Scope, name: str) -> str | None:
         if key.lower() == target:
             return bytes(value).decode("latin-1")
     return None
-
-
-async def _read_body(receive: Receive, max_bytes: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequestError("client disconnected while sending the body")
-        chunk = message.get("body", b"")
-        total += len(chunk)
-        if total > max_bytes:
-            raise InvalidRequestError(
-                f"request body exceeds server.max_body_bytes={max_bytes}")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

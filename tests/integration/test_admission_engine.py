@@ -155,6 +155,11 @@ async def test_preempted_greedy_request_equals_an_unpreempted_run(engine: PioEng
 
 async def test_preempted_n2_seeded_sampling_equals_an_unpreempted_run(
         engine: PioEngine) -> None:
+    from pio_vllm.engine.vllm_backend import vllm_version
+
+    if vllm_version() < (0, 32):
+        pytest.skip("vLLM 0.23's seeded sampling depends on the batch it runs in (its first "
+                    "token differs alone and among fillers, before any preemption)")
     alone, preempted, count = await _run_preempted(
         engine, lambda: _params(n=2, max_tokens=48, ignore_eos=True, temperature=1.0,
                                 seed=7), "tell a long story about the blue sky")

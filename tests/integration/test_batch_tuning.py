@@ -44,7 +44,10 @@ async def test_tuning_loop_fits_step_time_and_applies_limits(tuned_engine: PioEn
     stats = tuned_engine.stats().tuning
     assert stats is not None and stats.decisions > 0
     assert stats.model is not None and stats.model.samples >= 16
-    assert stats.model.per_token_s > 0
+    # which term carries the cost depends on the machine (on a loaded 2-core CPU the vision
+    # encoder can explain all of it); the fit must explain the measured steps
+    assert stats.model.per_token_s > 0 or stats.model.per_vision_token_s > 0
+    assert stats.model.r2 >= tuned_engine.settings.tuning.min_r2
     # what the scheduler runs with is what the tuner chose (pushed on the next round)
     pushed = loop.tuner.limits
     await loop.step()

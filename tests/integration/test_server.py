@@ -1,7 +1,8 @@
 """`pio-vllm serve` as a real process, driven with the official `openai` client and httpx.
 
-One server for the module (tiny model, real vLLM CPU engine, API keys on); the SIGTERM
-drain test runs last and stops it. The engine-death test starts its own server.
+The session's shared server (conftest `server`: tiny model, real vLLM CPU engine, API keys
+on, see server_helpers.shared_server_config); test_server_abuse.py sends it hostile input,
+test_server_shutdown.py drains it last.
 """
 
 from __future__ import annotations
@@ -9,21 +10,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 
-from tests.helpers import encode, http_server, noise_image, png_with_header_size
-from tests.server_helpers import KEYS, Server, metric, start_server, write_config
+from tests.helpers import encode, noise_image, png_with_header_size, serve_bytes
+from tests.server_helpers import MODEL, ImageHost, Server, metric
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
-
-MODEL = "pio:tiny"
 
 
 def data_url(png: bytes) -> str:
@@ -35,26 +32,6 @@ def image_message(url: str, text: str = "Describe the image.") -> list[dict[str,
         {"type": "image_url", "image_url": {"url": url}},
         {"type": "text", "text": text},
     ]}]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("server")
-    config = write_config(
-        tmp / "server.yaml",
-        engine={"max_num_seqs": 4, "disable_log_stats": False},
-        priority_classes={
-            "interactive": {"level": 0, "max_queue_len": 16, "weight": 4.0},
-            "standard": {"level": 1, "max_queue_len": 16, "weight": 2.0},
-            "batch": {"level": 2, "max_queue_len": 2, "weight": 1.0},
-        },
-        images={"max_image_bytes": 2_000_000, "allowed_url_domains": ["127.0.0.1"]},
-        server={"api_keys": [{"key": k, **v} for k, v in KEYS.items()],
-                "drain_timeout_s": 4.0},
-    )
-    srv = start_server(config, tmp / "server.log")
-    yield srv
-    srv.stop()
 
 
 def client(server: Server, key: str = "key-plain", **kw: object) -> openai.AsyncOpenAI:
@@ -111,21 +88,14 @@ async def test_chat_with_data_url_image_streaming_and_not(server: Server) -> Non
     await wait_idle(server)
 
 
-async def test_http_image_url_is_fetched_by_pio(server: Server) -> None:
+async def test_http_image_url_is_fetched_by_pio(server: Server,
+                                               image_host: ImageHost) -> None:
     png = encode(noise_image(320, 240, seed=1))
-
-    def serve_png(h: BaseHTTPRequestHandler) -> None:
-        h.send_response(200)
-        h.send_header("Content-Type", "image/png")
-        h.send_header("Content-Length", str(len(png)))
-        h.end_headers()
-        h.wfile.write(png)
-
+    image_host.routes["/img.png"] = serve_bytes(png)
     c = client(server)
-    with http_server({"/img.png": serve_png}) as base:
-        by_url = await c.chat.completions.create(
-            model=MODEL, messages=image_message(base + "/img.png"),  # type: ignore[arg-type]
-            max_tokens=8, temperature=0)
+    by_url = await c.chat.completions.create(
+        model=MODEL, messages=image_message(image_host.base + "/img.png"),  # type: ignore[arg-type]
+        max_tokens=8, temperature=0)
     by_data = await c.chat.completions.create(
         model=MODEL, messages=image_message(data_url(png)),  # type: ignore[arg-type]
         max_tokens=8, temperature=0)
@@ -140,13 +110,15 @@ async def test_priority_from_body_header_and_key(server: Server) -> None:
     prompt = [{"role": "user", "content": "hello"}]
     await client(server, "key-plain").chat.completions.create(
         model=MODEL, messages=prompt, max_tokens=2, extra_body={"priority": "batch"})  # type: ignore[arg-type]
-    await client(server, "key-plain").chat.completions.create(
+    await client(server, "key-interactive").chat.completions.create(
         model=MODEL, messages=prompt, max_tokens=2, extra_headers={"X-Priority": "0"})  # type: ignore[arg-type]
     await client(server, "key-batch").completions.create(model=MODEL, prompt="hi", max_tokens=2)
     await client(server, "key-plain").chat.completions.create(
         model=MODEL, messages=prompt, max_tokens=2)  # type: ignore[arg-type]
+    await client(server, "key-plain").chat.completions.create(  # vLLM's own header
+        model=MODEL, messages=prompt, max_tokens=2, extra_headers={"X-Vllm-Priority": "2"})  # type: ignore[arg-type]
     after = scrape(server)
-    assert done(after, "batch") - done(before, "batch") == 2  # body + the key's class
+    assert done(after, "batch") - done(before, "batch") == 3  # body, key's class, vLLM header
     assert done(after, "interactive") - done(before, "interactive") == 1  # header level 0
     assert done(after, "standard") - done(before, "standard") == 1  # default class
 
@@ -156,6 +128,10 @@ async def test_priority_from_body_header_and_key(server: Server) -> None:
     with pytest.raises(openai.PermissionDeniedError, match="above this API key's class"):
         await client(server, "key-batch").chat.completions.create(
             model=MODEL, messages=prompt, max_tokens=2, extra_body={"priority": "interactive"})  # type: ignore[arg-type]
+    # a key without a class: server.priority_ceiling (default: the default class) is the top
+    with pytest.raises(openai.PermissionDeniedError, match="above server.priority_ceiling"):
+        await client(server, "key-plain").chat.completions.create(
+            model=MODEL, messages=prompt, max_tokens=2, extra_headers={"X-Priority": "0"})  # type: ignore[arg-type]
 
 
 async def test_api_keys(server: Server) -> None:
@@ -166,7 +142,8 @@ async def test_api_keys(server: Server) -> None:
         assert r.status_code == 401, r.text
         assert r.json()["error"]["code"] == 401
     assert httpx.get(server.base_url + "/v1/models").status_code == 401
-    assert httpx.get(server.base_url + "/health").status_code == 200  # probes need no key
+    for path in ("/health", "/version", "/metrics"):  # probes and scrapers need no key
+        assert httpx.get(server.base_url + path).status_code == 200, path
 
 
 async def test_shed_is_429_with_retry_after(server: Server) -> None:
@@ -203,7 +180,7 @@ async def _fill_capacity(server: Server, key: str = "key-batch") -> list[object]
 
 
 async def test_queued_request_is_not_rendered_while_a_later_urgent_one_goes_first(
-        server: Server) -> None:
+        server: Server, image_host: ImageHost) -> None:
     """With the capacity full of batch streams, a queued batch request's image URL is not
     fetched (so vLLM has not rendered it either) while an interactive request that arrived
     later is answered; closing the streams lets it through."""
@@ -219,20 +196,20 @@ async def test_queued_request_is_not_rendered_while_a_later_urgent_one_goes_firs
         h.end_headers()
         h.wfile.write(png)
 
+    image_host.routes["/queued.png"] = serve_png
     streams = await _fill_capacity(server)
-    with http_server({"/queued.png": serve_png}) as base:
-        queued = asyncio.create_task(client(server, "key-batch").chat.completions.create(
-            model=MODEL, messages=image_message(base + "/queued.png"),  # type: ignore[arg-type]
-            max_tokens=4))
-        await _until(lambda: metric(scrape(server), "pio_queued_requests",
-                                    priority_class="batch") == 1)
-        urgent = await client(server, "key-interactive").chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "now"}], max_tokens=4)  # type: ignore[list-item]
-        assert urgent.choices[0].finish_reason == "length"
-        assert not fetched.is_set(), "the queued request's image was fetched"
-        for stream in streams:
-            await stream.close()  # type: ignore[attr-defined]
-        answer = await asyncio.wait_for(queued, 60)
+    queued = asyncio.create_task(client(server, "key-batch").chat.completions.create(
+        model=MODEL, messages=image_message(image_host.base + "/queued.png"),  # type: ignore[arg-type]
+        max_tokens=4))
+    await _until(lambda: metric(scrape(server), "pio_queued_requests",
+                                priority_class="batch") == 1)
+    urgent = await client(server, "key-interactive").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "now"}], max_tokens=4)  # type: ignore[list-item]
+    assert urgent.choices[0].finish_reason == "length"
+    assert not fetched.is_set(), "the queued request's image was fetched"
+    for stream in streams:
+        await stream.close()  # type: ignore[attr-defined]
+    answer = await asyncio.wait_for(queued, 60)
     assert fetched.is_set() and answer.usage is not None and answer.usage.prompt_tokens > 20
     await wait_idle(server)
 
@@ -293,7 +270,7 @@ async def test_bad_inputs_get_4xx_and_server_keeps_serving(server: Server) -> No
         "invalid base64": image_message("data:image/png;base64,@@not-base64@@"),
         "unsupported scheme": image_message("ftp://127.0.0.1/x.png"),
         "local file": image_message("file:///etc/hostname"),
-        "host not allowed": image_message("http://images.example.com/x.png"),
+        "loopback address": image_message("http://127.0.0.1:1/x.png"),
         "oversized image": image_message(data_url(b"\x89PNG" + b"\0" * 2_100_000)),
         "decompression bomb": image_message(data_url(png_with_header_size(30000, 30000))),
         "too many images": [{"role": "user", "content": [
@@ -302,7 +279,7 @@ async def test_bad_inputs_get_4xx_and_server_keeps_serving(server: Server) -> No
     }
     expect = {
         "invalid base64": "invalid base64", "unsupported scheme": "unsupported URL scheme",
-        "local file": "local file", "host not allowed": "not in allowed_url_domains",
+        "local file": "local file", "loopback address": "a loopback address",
         "oversized image": "max_image_bytes", "decompression bomb": "max_image_pixels",
         "too many images": "at most 4",
     }
@@ -382,53 +359,3 @@ def test_vllm_bench_serve_client_works_against_pio(server: Server, tiny_model_di
     result = bench_serve(args)
     assert result["completed"] == 8, result
     assert result["total_output_tokens"] == 8 * 16
-
-
-def test_sigterm_drains_then_exits_0(server: Server) -> None:
-    """Runs last in this module: it stops the shared server."""
-    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="key-plain", max_retries=0)
-    short = c.completions.create(model=MODEL, prompt="a", max_tokens=300, stream=True,
-                                 extra_body={"ignore_eos": True})
-    long = c.completions.create(model=MODEL, prompt="b", max_tokens=4000, stream=True,
-                                extra_body={"ignore_eos": True})
-    first_short, first_long = next(iter(short)), next(iter(long))
-    assert first_short and first_long
-    server.proc.send_signal(15)
-    deadline = time.monotonic() + 10
-    while "draining:" not in server.log():  # pio logs the drain's start
-        assert time.monotonic() < deadline, server.log()[-2000:]
-        time.sleep(0.05)
-    refused = httpx.post(server.base_url + "/v1/completions", headers={
-        "Authorization": "Bearer key-plain"}, json={"model": MODEL, "prompt": "x"})
-    assert refused.status_code == 503, refused.text
-    finish = [ch.choices[0].finish_reason for ch in short if ch.choices]
-    assert finish[-1] == "length"  # drained: finished normally
-    with pytest.raises(openai.APIError, match="shut down"):
-        for _ in long:  # 4000 tokens outlast drain_timeout_s=4: aborted with a clear error
-            pass
-    assert server.proc.wait(60) == 0, server.log()[-3000:]
-
-
-def test_engine_death_ends_streams_and_health_503(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "server.yaml",
-                          vllm_env={"VLLM_CPU_KVCACHE_SPACE": "1",
-                                    "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
-    srv = start_server(config, tmp_path / "server.log")
-    try:
-        c = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
-        stream = c.completions.create(model=MODEL, prompt="go", max_tokens=3500, stream=True,
-                                      extra_body={"ignore_eos": True})
-        next(iter(stream))
-        cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
-                 if "EngineCor" in " ".join(p.cmdline()) + p.name()]
-        assert cores, [p.name() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
-        killed_at = time.monotonic()
-        for p in cores:
-            p.kill()
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                pass
-        assert time.monotonic() - killed_at < 5.0
-        assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 503
-    finally:
-        srv.stop()

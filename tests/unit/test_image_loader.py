@@ -78,7 +78,7 @@ async def test_exif_orientation_is_applied() -> None:
 
 async def test_corrupt_truncated_and_empty_bytes() -> None:
     ld = loader()
-    with pytest.raises(ImageDecodeError, match="cannot identify image format"):
+    with pytest.raises(ImageDecodeError, match="cannot identify the image format"):
         await ld.load(b"not an image at all")
     png = encode(noise_image(64, 64, 5))
     with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
@@ -166,7 +166,8 @@ async def test_http_fetch_ok_and_each_failure() -> None:
     }
     with http_server(routes) as base:
         ld = loader(fetch_timeout_s=0.5, max_image_bytes=10000,
-                    allowed_url_domains=["127.0.0.1"])
+                    allowed_url_domains=["127.0.0.1"],
+                    allowed_private_networks=["127.0.0.1/32"])
         out = await ld.load(f"{base}/ok.png")
         assert out.image.size == (50, 40)
         with pytest.raises(ImageTooLargeError, match="max_image_bytes is 10000"):

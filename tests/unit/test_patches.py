@@ -67,16 +67,15 @@ def test_plugin_entry_point_is_registered() -> None:
 
 
 def test_priority_preemption_targets_exist() -> None:
-    from vllm.config import VllmConfig
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.request import Request, RequestStatus
-
     from pio_vllm_patches.batch_limit_scheduler import BatchLimitAsyncScheduler
     from pio_vllm_patches.priority_preemption import (
         PriorityPreemptionAsyncScheduler,
         PriorityPreemptionScheduler,
     )
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request, RequestStatus
 
     assert issubclass(PriorityPreemptionScheduler, Scheduler)
     assert issubclass(PriorityPreemptionAsyncScheduler, AsyncScheduler)
