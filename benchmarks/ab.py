@@ -28,6 +28,8 @@ SUMMARY_KEYS = (
     "tpot_p50_s", "tpot_p90_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s",
     "e2e_p99_s", "pio_intake_p50_s", "pio_intake_p99_s", "slo_met", "goodput_req_per_s",
     "shed", "expired", "shed_429", "errors", "classes", "tuning", "admission_capacity",
+    "preemptions", "engine_preemptions", "admission_events", "step_model",
+    "ttft_prediction_error_p50",
 )
 
 
@@ -63,7 +65,8 @@ def report(scenario: str, runs: list[dict[str, dict[str, Any]]], *, mode: str,
 
     base = next(iter(runs[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    pngs = plot_runs(runs[-1], out.with_suffix(""), title=f"{scenario} ({mode})")
+    pngs = plot_runs(runs[-1], out.with_suffix(""), title=f"{scenario} ({mode})",
+                     ttft_target_s=None if slo is None else slo.ttft_s)
     doc = {
         "scenario": scenario, "mode": mode, "config": config, "workload": workload,
         "slo": None if slo is None else {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},

@@ -279,9 +279,25 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
         stats = engine.stats()
     result = summarise(rows, wall, slo) | {"rows": rows}
     if stats.admission is not None:
+        classes = stats.admission.classes.values()
         result["admission_capacity"] = stats.admission.capacity
-        result["shed"] = sum(c.shed for c in stats.admission.classes.values())
-        result["expired"] = sum(c.expired for c in stats.admission.classes.values())
+        result["shed"] = sum(c.shed for c in classes)
+        result["expired"] = sum(c.expired for c in classes)
+        result["admission_events"] = {
+            "admitted": sum(c.admitted for c in classes),
+            "deferred": sum(c.deferred for c in classes), "shed": result["shed"],
+            "expired": result["expired"], "slo_met": sum(c.slo_met for c in classes),
+            "slo_missed": sum(c.slo_missed for c in classes)}
+        errors = [c.ttft_prediction_error_p50 for c in classes
+                  if c.ttft_prediction_error_p50 is not None]
+        result["ttft_prediction_error_p50"] = min(errors) if len(errors) == 1 else (
+            None if not errors else sum(errors) / len(errors))
+        work_model = stats.admission.slo.model
+        if work_model is not None:
+            result["step_model"] = {
+                "base_seconds": work_model.base_s,
+                "seconds_per_token": work_model.per_token_s,
+                "seconds_per_vision_token": work_model.per_vision_token_s}
     if stats.tuning is not None:
         model = stats.tuning.model
         result["tuning"] = {

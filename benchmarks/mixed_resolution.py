@@ -1,16 +1,17 @@
-"""Scenario `mixed-resolution`: Poisson arrivals at ~1.2x capacity of text, small and large images.
+"""Scenario `mixed-resolution`: goodput under overload, at several multiples of capacity.
 
-    python -m benchmarks.mixed_resolution [--config configs/tiny-cpu.yaml] [--duration-s 30]
+    pio-vllm bench mixed-resolution [--mode inproc|server] [--loads 0.8,1,1.5,3] [--n 150]
 
-First a calibration burst on plain vLLM measures the engine's capacity (requests/s for this
-mix); then a seeded workload arrives as a Poisson process at `--load` (1.2) times that rate
-for `--duration-s`: 40% text-only, 40% one small image (224-448 px sides), 20% one large
-image (1344x1008, 1008x1344 or 1280x720), 64 output tokens each (ignore_eos), all of one
-class. Three sides replay the same requests, each in a fresh process with the same engine
-arguments: plain vLLM (static max_num_seqs / max_num_batched_tokens), pio with tuning off
-(admission with the class's queue wait bounded by the TTFT target), and pio with tuning on
-(BatchLimitScheduler, TPOT target = the SLO's). Goodput counts requests that meet both the
-TTFT and the TPOT target, per second of the run.
+The mix: a quarter text-only, a quarter each with one unique 224x224, 640x480 or 1344x1008
+image, 32-128 output tokens (ignore_eos), one class (standard) with the SLO TTFT <= 3 s and
+TPOT <= 60 ms; engine max_num_seqs 64. A calibration burst of 64 requests on plain vLLM (in
+the same mode) measures capacity in requests/s; then, for each load, `--n` requests arrive
+as a seeded Poisson process at load x capacity, replayed on plain vLLM and on pio (same
+engine arguments; pio with its SLO admission, which the class's targets turn on). Goodput
+is the requests that met both targets per second of the run; shed (429) and failed
+requests count as not served. Reports per load: goodput, throughput, TTFT/TPOT, how pio's
+admission decided (admitted at once, deferred in the queue, shed), and its TTFT prediction
+error (server mode: from the `x-pio-predicted-ttft-s` header; in-process: pio's metric).
 """
 
 from __future__ import annotations
@@ -23,148 +24,161 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks.harness import (
-    BenchRequest,
-    Slo,
-    environment,
-    ratio,
-    run_side_subprocess,
-    write_workload,
-)
+from benchmarks.ab import run_ab
+from benchmarks.harness import BenchRequest, Slo, derive_config, environment, ratio
+from benchmarks.plots import plot_runs
 
 WORDS = ("the", "red", "car", "blue", "sky", "cat", "dog", "tree", "house", "street", "light")
-LARGE = ((1344, 1008), (1008, 1344), (1280, 720))
-SIDES = ("plain", "pio-untuned", "pio-tuned")
+SIZES: tuple[tuple[int, int] | None, ...] = (None, (224, 224), (640, 480), (1344, 1008))
+SLO = Slo(ttft_s=3.0, tpot_s=0.06)
 
 
-def mixed_requests(n: int, rng: random.Random, arrivals: list[float],
-                   max_tokens: int = 64) -> list[BenchRequest]:
+def mixed_requests(arrivals: list[float], rng: random.Random) -> list[BenchRequest]:
     out = []
-    for i in range(n):
+    for i, t in enumerate(arrivals):
         text = "describe " + " ".join(rng.choice(WORDS) for _ in range(10))
-        kind = rng.random()
-        images: tuple[tuple[int, int, int], ...] = ()
-        if kind >= 0.4:
-            if kind < 0.8:
-                size = (rng.randint(224, 448), rng.randint(224, 448))
-            else:
-                size = rng.choice(LARGE)
-            images = ((size[0], size[1], rng.randrange(1 << 30)),)
-        out.append(BenchRequest(f"r{i}", "standard", 1, text, max_tokens,
-                                round(arrivals[i], 4), images))
+        size = rng.choice(SIZES)
+        images = () if size is None else ((size[0], size[1], rng.randrange(1 << 30)),)
+        out.append(BenchRequest(f"r{i}", "standard", 1, text, rng.randint(32, 128),
+                                round(t, 4), images))
     return out
 
 
-def calibration_workload(seed: int, n: int = 64) -> list[BenchRequest]:
-    return mixed_requests(n, random.Random(seed + 1000), [0.0] * n)
-
-
-def poisson_workload(seed: int, rate_per_s: float, duration_s: float) -> list[BenchRequest]:
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    while True:
+def poisson(n: int, rate_per_s: float, rng: random.Random) -> list[float]:
+    t, arrivals = 0.0, []
+    for _ in range(n):
         t += rng.expovariate(rate_per_s)
-        if t > duration_s:
-            break
         arrivals.append(t)
-    return mixed_requests(len(arrivals), rng, arrivals)
+    return arrivals
 
 
-def side_config(base: Path, side: str, slo: Slo, out: Path) -> Path:
-    config = yaml.safe_load(base.read_text())
-    classes = config.setdefault("priority_classes", {
-        "interactive": {"level": 0, "max_queue_len": 64, "weight": 4.0},
-        "standard": {"level": 1, "max_queue_len": 256, "weight": 2.0},
-        "batch": {"level": 2, "max_queue_len": 1024, "weight": 1.0},
-    })
-    # pio's admission: a request that cannot start within the TTFT target leaves the queue
-    # (it would miss its SLO anyway) instead of delaying the ones behind it.
-    classes["standard"] = {**classes.get("standard", {"level": 1}),
-                           "max_queue_wait_s": slo.ttft_s}
-    config["tuning"] = {**config.get("tuning", {}), "enabled": side == "pio-tuned",
-                        "tpot_target_s": slo.tpot_s}
-    out.write_text(yaml.safe_dump(config))
-    return out
+def scenario_config(base: Path, out: Path) -> Path:
+    """The shared engine arguments (max_num_seqs 64) and the class's SLO."""
+    return derive_config(base, out, engine={"max_num_seqs": 64},
+                         priority_classes={
+                             "interactive": {"level": 0, "max_queue_len": 256, "weight": 4.0,
+                                             "ttft_target_s": 1.0, "tpot_target_s": SLO.tpot_s},
+                             "standard": {"level": 1, "max_queue_len": 512, "weight": 2.0,
+                                          "ttft_target_s": SLO.ttft_s,
+                                          "tpot_target_s": SLO.tpot_s},
+                             "batch": {"level": 2, "max_queue_len": 1024, "weight": 1.0}})
 
 
-def summary_row(r: dict[str, Any]) -> dict[str, Any]:
-    keep = ("requests", "ok", "wall_s", "output_tok_per_s", "ttft_p50_s", "ttft_p99_s",
-            "tpot_p50_s", "tpot_p99_s", "slo_met", "goodput_req_per_s", "shed", "expired",
-            "admission_capacity", "tuning", "errors")
-    return {k: r.get(k) for k in keep}
+def prediction_error_p50(side: dict[str, Any]) -> float | None:
+    errors = sorted(abs(r["predicted_ttft_s"] - r["ttft_s"]) / r["ttft_s"]
+                    for r in side.get("rows") or []
+                    if r.get("predicted_ttft_s") and r.get("ttft_s"))
+    if side.get("ttft_prediction_error_p50") is not None:  # in-process: pio's own metric
+        return float(side["ttft_prediction_error_p50"])
+    if not errors:
+        return None
+    from pio_vllm.admission.metrics import percentile
+
+    return percentile(errors, 50)
 
 
-def markdown(result: dict[str, Any]) -> str:
-    lines = ["| side | done/sent | out tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
-             "met SLO | goodput (req/s) | shed+expired |", "|---|---|---|---|---|---|---|---|"]
-    for side in SIDES:
-        r = result["sides"][side]
-        tp50 = None if r["tpot_p50_s"] is None else round(r["tpot_p50_s"] * 1000, 1)
-        tp99 = None if r["tpot_p99_s"] is None else round(r["tpot_p99_s"] * 1000, 1)
-        dropped = (r.get("shed") or 0) + (r.get("expired") or 0)
-        lines.append(f"| {side} | {r['ok']}/{r['requests']} | {r['output_tok_per_s']} | "
-                     f"{r['ttft_p50_s']} / {r['ttft_p99_s']} | {tp50} / {tp99} | "
-                     f"{r['slo_met']} | {r['goodput_req_per_s']} | {dropped} |")
-    for side in SIDES[1:]:
-        c = result["ratios"][side]
-        lines.append(f"| {side} / plain | | {c['throughput']}x | | | | {c['goodput']}x | |")
+def row(load: float, name: str, side: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "load": load, "side": name, "sent": side["requests"], "ok": side["ok"],
+        "slo_met": side.get("slo_met"), "goodput_req_per_s": side.get("goodput_req_per_s"),
+        "output_tok_per_s": side["output_tok_per_s"], "ttft_p50_s": side["ttft_p50_s"],
+        "ttft_p99_s": side["ttft_p99_s"], "tpot_p50_s": side["tpot_p50_s"],
+        "tpot_p99_s": side["tpot_p99_s"],
+        "shed": (side.get("shed") or 0) + (side.get("shed_429") or 0),
+        "expired": side.get("expired") or 0,
+        "admission": side.get("admission_events"),
+        "ttft_prediction_error_p50": None if name == "plain" else prediction_error_p50(side),
+        "step_model": side.get("step_model"),
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"mixed-resolution ({doc['mode']}); capacity {doc['capacity_req_per_s']} req/s "
+             f"(plain, burst); SLO TTFT <= {SLO.ttft_s} s, TPOT <= {SLO.tpot_s * 1000:.0f} ms",
+             "",
+             "| load | side | ok/sent | met SLO | goodput (req/s) | out tok/s | "
+             "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | admitted / deferred / shed | "
+             "TTFT pred. error p50 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        adm = r.get("admission") or {}
+        decided = "-" if r["side"] == "plain" else (
+            f"{adm.get('admitted', '?')} / {adm.get('deferred', '?')} / "
+            f"{r['shed'] + r['expired']}")
+        tp = [None if x is None else round(x * 1000, 1) for x in (r["tpot_p50_s"],
+                                                                  r["tpot_p99_s"])]
+        err = r["ttft_prediction_error_p50"]
+        lines.append(
+            f"| {r['load']}x | {r['side']} | {r['ok']}/{r['sent']} | {r['slo_met']} | "
+            f"{r['goodput_req_per_s']} | {r['output_tok_per_s']} | {r['ttft_p50_s']} / "
+            f"{r['ttft_p99_s']} | {tp[0]} / {tp[1]} | {decided} | "
+            f"{'-' if err is None else f'{err:.0%}'} |")
+    lines += ["", "| load | pio / plain goodput | pio / plain throughput | "
+              "pio goodput / pio at 1x |", "|---|---|---|---|"]
+    for c in doc["ratios"]:
+        lines.append(f"| {c['load']}x | {c['goodput']}x | {c['throughput']}x | "
+                     f"{c['pio_over_pio_at_1x']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="pio-vllm bench mixed-resolution",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["inproc", "server"], default="server")
     ap.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
-    ap.add_argument("--duration-s", type=float, default=30.0)
-    ap.add_argument("--load", type=float, default=1.2, help="arrival rate / measured capacity")
-    ap.add_argument("--slo-ttft-s", type=float, default=2.0)
-    ap.add_argument("--slo-tpot-s", type=float, default=0.03)
+    ap.add_argument("--loads", default="0.8,1,1.5,3", help="multiples of measured capacity")
+    ap.add_argument("--n", type=int, default=150, help="requests per load")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path,
-                    default=Path("benchmarks/results/mixed-resolution-cpu.json"))
-    a = ap.parse_args(argv)
-    slo = Slo(a.slo_ttft_s, a.slo_tpot_s)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out = a.out or Path(f"benchmarks/results/mixed-resolution-{a.mode}-cpu.json")
+    loads = [float(x) for x in a.loads.split(",")]
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        configs = {s: str(side_config(a.config, s, slo, tmp / f"{s}.yaml")) for s in SIDES}
-        calib = tmp / "calibration.jsonl"
-        write_workload(calibration_workload(a.seed), calib)
-        print("calibrating capacity on plain vLLM (burst of 64 mixed requests) ...", flush=True)
-        cal = run_side_subprocess("plain", configs["plain"], calib, tmp / "cal.json")
-        capacity = cal["ok"] / cal["wall_s"]
-        rate = a.load * capacity
-        work = poisson_workload(a.seed, rate, a.duration_s)
-        print(f"capacity {capacity:.2f} req/s -> Poisson {rate:.2f} req/s for "
-              f"{a.duration_s:.0f} s: {len(work)} requests", flush=True)
-        wl = tmp / "workload.jsonl"
-        write_workload(work, wl)
-        sides = {}
-        for side in SIDES:
-            kind = "plain" if side == "plain" else "pio"
-            sides[side] = summary_row(run_side_subprocess(
-                kind, configs[side], wl, tmp / f"{side}.json", slo))
-    plain = sides["plain"]
-    result = {
-        "scenario": "mixed-resolution", "config": str(a.config), "seed": a.seed,
-        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "capacity_req_per_s": round(capacity, 3), "arrival_rate_req_per_s": round(rate, 3),
-        "workload": {"requests": len(work), "duration_s": a.duration_s,
-                     "mix": "40% text, 40% one 224-448 px image, 20% one large image; "
-                            "64 output tokens"},
-        "environment": environment(str(a.config)),
-        "sides": sides,
-        "ratios": {side: {
-            "goodput": ratio(sides[side]["goodput_req_per_s"], plain["goodput_req_per_s"]),
-            "throughput": ratio(sides[side]["output_tok_per_s"], plain["output_tok_per_s"]),
-        } for side in SIDES[1:]},
+        config = str(scenario_config(a.config, Path(tmp_dir) / "mixed.yaml"))
+        rng = random.Random(a.seed + 1000)
+        calibration = mixed_requests([0.0] * 64, rng)
+        print(f"calibrating capacity on plain vLLM ({a.mode}, burst of 64) ...", flush=True)
+        [cal] = run_ab({"plain": ("plain", config)}, calibration, mode=a.mode)
+        capacity = cal["plain"]["ok"] / cal["plain"]["wall_s"]
+        print(f"capacity {capacity:.2f} req/s", flush=True)
+        pngs = []
+        for load in loads:
+            rng = random.Random(a.seed)
+            work = mixed_requests(poisson(a.n, load * capacity, rng), rng)
+            print(f"load {load}x: {len(work)} requests at {load * capacity:.2f} req/s",
+                  flush=True)
+            [run] = run_ab({"plain": ("plain", config), "pio": ("pio", config)}, work,
+                           mode=a.mode, slo=SLO)
+            rows += [row(load, name, side) for name, side in run.items()]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pngs += plot_runs(run, out.with_name(f"{out.stem}-{load}x"),
+                              title=f"mixed-resolution {load}x ({a.mode})",
+                              ttft_target_s=SLO.ttft_s)[:1]
+    by = {(r["load"], r["side"]): r for r in rows}
+    at_1x = by.get((1.0, "pio"), {}).get("goodput_req_per_s")
+    doc = {
+        "scenario": "mixed-resolution", "mode": a.mode, "config": str(a.config),
+        "seed": a.seed, "slo": {"ttft_s": SLO.ttft_s, "tpot_s": SLO.tpot_s},
+        "capacity_req_per_s": round(capacity, 3),
+        "workload": {"requests_per_load": a.n, "loads": loads,
+                     "mix": "1/4 text, 1/4 each one unique 224x224 / 640x480 / 1344x1008 "
+                            "image; 32-128 output tokens; Poisson arrivals"},
+        "environment": environment(config), "rows": rows,
+        "ratios": [{
+            "load": load,
+            "goodput": ratio(by[(load, "pio")]["goodput_req_per_s"],
+                             by[(load, "plain")]["goodput_req_per_s"]),
+            "throughput": ratio(by[(load, "pio")]["output_tok_per_s"],
+                                by[(load, "plain")]["output_tok_per_s"]),
+            "pio_over_pio_at_1x": ratio(by[(load, "pio")]["goodput_req_per_s"], at_1x),
+        } for load in loads],
+        "plots": [p.name for p in pngs],
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    a.out.with_suffix(".md").write_text(table + "\n")
+    out.write_text(json.dumps(doc, indent=1))
+    table = markdown(doc)
+    out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    print(f"wrote {a.out}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import BenchRequest, Slo, _replay, _tpot, make_images, summarise
+from benchmarks.harness import (
+    BenchRequest,
+    Slo,
+    _replay,
+    _tpot,
+    derive_config,
+    make_images,
+    summarise,
+)
 
 
 def engine_flags(engine: dict[str, Any]) -> list[str]:
@@ -61,7 +69,14 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
     port = free_port()
     env = {**os.environ, **settings.vllm_env}
     if kind == "pio":
-        cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", settings_path]
+        # The benchmark client is trusted to name any class (no API keys are configured):
+        # lift server.priority_ceiling to the highest class, as an operator would for it.
+        top = min(settings.priority_classes.items(), key=lambda kv: kv[1].level)[0]
+        trusted = derive_config(Path(settings_path), log_path.with_suffix(".yaml"),
+                                server={**settings.server.model_dump(mode="json",
+                                                                     exclude={"api_keys"}),
+                                        "priority_ceiling": top})
+        cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", str(trusted)]
     else:
         model = resolve_model(settings)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -134,6 +149,8 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
             last = None
             async with client.stream("POST", "/v1/chat/completions", json=body,
                                      headers=headers) as resp:
+                predicted = resp.headers.get("x-pio-predicted-ttft-s")
+                row["predicted_ttft_s"] = float(predicted) if predicted else None
                 if resp.status_code != 200:
                     await resp.aread()
                     row["error"] = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -161,10 +178,41 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                        tpot_s=_tpot(row["first_at"], done, row["output_tokens"]))
             return row
 
+        # One warm-up request per side (the in-process harness does the same): the first
+        # request on a fresh server pays one-time costs the scenario does not measure. Its
+        # image is not one of the workload's, so no cache is primed for the measured run.
+        warm_image = make_images([BenchRequest("warm", "standard", 1, "", 4, 0.0,
+                                               ((64, 64, 12345),))])["warm"]
+        warm = await client.post("/v1/chat/completions", json={
+            "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _data_urls(warm_image)[0]}},
+                {"type": "text", "text": "warm up"}]}]})
+        warm.raise_for_status()
         rows, wall = await _replay(work, submit, concurrency)
+        metrics = (await client.get("/metrics")).text
     result = summarise(rows, wall, slo) | {"rows": rows}
     result["shed_429"] = sum(1 for r in rows if str(r["error"]).startswith("HTTP 429"))
+    # Preemptions are not visible per request over HTTP: the server's counters say.
+    result["preemptions"] = _counter(metrics, "pio_admission_events_total",
+                                     'event="preempted"')
+    result["engine_preemptions"] = _counter(metrics, "vllm:num_preemptions_total")
+    if kind == "pio":
+        result["admission_events"] = {
+            event: int(_counter(metrics, "pio_admission_events_total", f'event="{event}"')
+                       or 0)
+            for event in ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")}
+        result["step_model"] = {
+            name: _counter(metrics, f"pio_step_model_{name}")
+            for name in ("base_seconds", "seconds_per_token", "seconds_per_vision_token",
+                         "r2")}
     return result
+
+
+def _counter(text: str, name: str, label: str = "") -> float | None:
+    """Sum of a Prometheus counter's samples (with `label` if given); None if absent."""
+    values = [float(line.rpartition(" ")[2]) for line in text.splitlines()
+              if line.startswith(name) and label in line and not line.startswith("#")]
+    return sum(values) if values else None
 
 
 def run_server_side(kind: str, settings_path: str, work: list[BenchRequest],

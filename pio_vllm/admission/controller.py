@@ -24,7 +24,16 @@ granted when
 New requests are refused at once (RequestRejectedError with retry-after) when their class
 queue is full or their deadline cannot be met at the measured service rate; a deadline that
 passes while queued raises DeadlineExceededError; cancelling a queued request only removes it
-from the queue. The controller never imports vLLM: it takes numbers (capacity, KV usage), so
+from the queue.
+
+SLO admission (`slo_policy.py`), where a class has ttft_target_s / tpot_target_s and once a
+step-time model is fitted: each request is priced in engine seconds from its estimated
+prompt and vision tokens; one predicted to miss its TTFT target is refused at arrival (or
+later, once it no longer can make it) instead of admitted to miss; prefill work enters vLLM
+through a bucket that refills as fast as running requests keep their TPOT target, and the
+running set is capped where one decode step would exceed it; within a class cheaper
+requests go first (a virtual arrival time later by their work). The controller never
+imports vLLM: it takes numbers (capacity, KV usage, running count, the step model), so
 tests drive it with a fake engine and a fake clock.
 """
 
@@ -40,7 +49,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pio_vllm.admission.metrics import AdmissionMetrics, ClassStats, Event
-from pio_vllm.admission.policy import AdmissionPolicy, RateMeter, WaitingView, shed_decision
+from pio_vllm.admission.policy import (
+    AdmissionPolicy,
+    RateMeter,
+    ShedReason,
+    WaitingView,
+    shed_decision,
+)
+from pio_vllm.admission.slo_policy import (
+    TtftCalibration,
+    WorkBucket,
+    WorkModel,
+    predicted_ttft_s,
+)
 from pio_vllm.errors import DeadlineExceededError, EngineNotRunningError, RequestRejectedError
 from pio_vllm.settings import AdmissionSettings, PriorityClass
 
@@ -80,9 +101,28 @@ class Ticket:
     arrival_at: float
     queue_deadline_at: float | None  # monotonic; request deadline or class max_queue_wait_s
     slots: int = 1  # sequences it occupies in vLLM (n > 1 fans out into n requests)
+    prompt_tokens: int = 0  # estimated before admission (text plus vision tokens)
+    vision_tokens: int = 0
+    ttft_target_s: float | None = None  # its class's SLO
     state: TicketState = TicketState.NEW
     granted_at: float | None = None
+    first_token_at: float | None = None
+    work_s: float = 0.0  # engine seconds of its prefill, from the step model (SLO admission)
+    predicted_engine_s: float | None = None  # uncalibrated engine time predicted at grant
+    predicted_ttft_s: float | None = None  # calibrated, arrival to first token
     _future: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SloStats:
+    """SLO admission's state: the step model it prices with, the work rate it allows."""
+
+    active: bool  # a class has an SLO and a step model is fitted
+    model: WorkModel | None
+    work_rate: float  # engine-seconds of prefill work admitted per second
+    max_running: int | None  # running-set cap from the TPOT target (None: no cap)
+    calibration: float  # actual / predicted engine time, running
+    admitted_work_s: float  # admitted work not yet at its first token
 
 
 @dataclass(frozen=True)
@@ -97,6 +137,7 @@ class AdmissionStats:
     kv_cache_usage: float
     service_rate_per_s: float | None
     classes: dict[str, ClassStats]
+    slo: SloStats
 
 
 class AdmissionController:
@@ -127,6 +168,16 @@ class AdmissionController:
         self._granted: dict[int, Ticket] = {}  # PREPARING or IN_ENGINE
         self._kv_usage = 0.0
         self._rate = RateMeter(window=settings.rate_window)
+        # SLO admission: on where a class has a target; active once a model is fitted.
+        targets = [c.tpot_target_s for c in classes.values() if c.tpot_target_s]
+        self._tpot_target = min(targets) if targets else None
+        self._slo_on = settings.slo_admission and any(
+            c.ttft_target_s or c.tpot_target_s for c in classes.values())
+        self._model: WorkModel | None = None
+        self._running = 0
+        self._bucket = WorkBucket(settings.work_burst_s, clock())
+        self._calibration = TtftCalibration()
+        self._wake: asyncio.TimerHandle | None = None
         self.metrics = AdmissionMetrics(list(classes), registry)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -135,9 +186,11 @@ class AdmissionController:
     # -- tickets ------------------------------------------------------------------------
 
     def ticket(self, request_id: str, level: int, class_name: str, deadline_at: float | None,
-               slots: int = 1) -> Ticket:
+               slots: int = 1, *, prompt_tokens: int = 0, vision_tokens: int = 0) -> Ticket:
         """A ticket for a new request of a configured class. `deadline_at` is monotonic
-        (None: no deadline); `slots` is the number of sequences it will run (n)."""
+        (None: no deadline); `slots` is the number of sequences it will run (n);
+        `prompt_tokens` (text plus vision) and `vision_tokens` are what it is estimated to
+        cost before anything is rendered (SLO admission prices it with them)."""
         cls = self._classes[class_name]
         now = self._clock()
         deadline = deadline_at
@@ -146,7 +199,9 @@ class AdmissionController:
             deadline = wait_deadline if deadline is None else min(deadline, wait_deadline)
         return Ticket(key=next(self._keys), request_id=request_id, class_name=class_name,
                       level=level, weight=cls.weight, arrival_at=now,
-                      queue_deadline_at=deadline, slots=max(1, slots))
+                      queue_deadline_at=deadline, slots=max(1, slots),
+                      prompt_tokens=prompt_tokens, vision_tokens=vision_tokens,
+                      ttft_target_s=cls.ttft_target_s)
 
     # -- the request's path -------------------------------------------------------------
 
@@ -159,6 +214,7 @@ class AdmissionController:
         """
         self._check_open()
         now = self._clock()
+        self._price(ticket)
         self._shed_check(ticket, now)
         ticket.state = TicketState.QUEUED
         ticket._future = asyncio.get_running_loop().create_future()
@@ -170,11 +226,15 @@ class AdmissionController:
         self._pump()
         if ticket.state is TicketState.PREPARING:
             return
+        if ticket.state is TicketState.QUEUED:
+            self.metrics.count(ticket.class_name, Event.DEFERRED)
         deadline = ticket.queue_deadline_at
         timeout = None if deadline is None else max(0.0, deadline - self._clock())
         future = ticket._future
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
+        except RequestRejectedError:  # no longer able to meet its TTFT target: shed
+            raise
         except TimeoutError:
             if ticket.state is TicketState.PREPARING:  # granted as the timer fired
                 return
@@ -218,7 +278,28 @@ class AdmissionController:
         self._check_idle()
 
     def observe_ttft(self, ticket: Ticket, ttft_s: float) -> None:
+        """The request's first token arrived `ttft_s` after it did: its prefill work is done
+        (the next predictions no longer count it) and the prediction made at its grant is
+        scored (calibration, and the predicted-vs-actual metric)."""
         self.metrics.observe_ttft(ticket.class_name, ttft_s)
+        now = self._clock()
+        ticket.first_token_at = now
+        if ticket.predicted_engine_s is not None and ticket.granted_at is not None:
+            self._calibration.observe(ticket.predicted_engine_s, now - ticket.granted_at)
+        if ticket.predicted_ttft_s is not None:
+            self.metrics.observe_prediction(ticket.class_name, ticket.predicted_ttft_s, ttft_s)
+        self._pump()
+
+    def observe_finish(self, ticket: Ticket, ttft_s: float | None,
+                       tpot_s: float | None) -> None:
+        """A request finished: count it as meeting or missing its class's SLO."""
+        cls = self._classes[ticket.class_name]
+        if cls.ttft_target_s is None and cls.tpot_target_s is None:
+            return
+        met = ttft_s is not None and (cls.ttft_target_s is None or ttft_s <= cls.ttft_target_s)
+        met = met and (cls.tpot_target_s is None or tpot_s is None
+                       or tpot_s <= cls.tpot_target_s)
+        self.metrics.count(ticket.class_name, Event.SLO_MET if met else Event.SLO_MISSED)
 
     def observe_preemptions(self, ticket: Ticket, preemptions: int) -> None:
         """The request was preempted `preemptions` times inside vLLM."""
@@ -238,9 +319,26 @@ class AdmissionController:
     def capacity(self) -> int:
         return self._capacity
 
-    def update_kv_usage(self, usage: float) -> None:
-        """vLLM's KV cache usage (0..1) from its latest scheduler stats."""
-        self._kv_usage = usage
+    def update_engine(self, kv_usage: float, running: int) -> None:
+        """vLLM's KV cache usage (0..1) and running requests, from its scheduler stats (every
+        engine step: decisions are re-run only when what they depend on changed)."""
+        watermark = self._settings.kv_high_watermark
+        crossed = (kv_usage < watermark) != (self._kv_usage < watermark)
+        changed = running != self._running
+        self._kv_usage = kv_usage
+        self._running = running
+        if crossed or (changed and self._slo_active()):
+            self._pump()
+
+    def set_work_model(self, model: WorkModel | None) -> None:
+        """The step-time model SLO admission prices work with (None: not fitted yet)."""
+        self._model = model
+        for ticket in self._waiting.values():
+            self._price(ticket)
+        self._pump()
+
+    def poke(self) -> None:
+        """Re-run the grant decisions now (the work bucket refills with time)."""
         self._pump()
 
     # -- core ---------------------------------------------------------------------------
@@ -258,11 +356,38 @@ class AdmissionController:
                 preparing += t.state is TicketState.PREPARING
         return slots, preparing
 
+    def _slo_active(self) -> bool:
+        return self._slo_on and self._model is not None
+
+    def _price(self, ticket: Ticket) -> None:
+        if self._model is not None:
+            ticket.work_s = self._model.work_s(ticket.prompt_tokens, ticket.vision_tokens)
+
+    def _max_running(self) -> int | None:
+        """The running-set size whose decode step still keeps the TPOT target."""
+        model = self._model
+        if not self._slo_active() or self._tpot_target is None or model is None or (
+                model.per_token_s <= 0):
+            return None
+        room = self._tpot_target * self._settings.slo_safety - model.base_s
+        return max(1, int(room / model.per_token_s))
+
+    def _effective_capacity(self) -> int:
+        cap = self._max_running()
+        if cap is None:
+            return self._capacity
+        return min(self._capacity, cap + self._settings.lookahead)
+
+    def _admitted_work(self, level: int) -> float:
+        """Engine seconds of granted work of level <= `level` not yet at its first token."""
+        return sum(t.work_s for t in self._granted.values()
+                   if t.level <= level and t.first_token_at is None)
+
     def _may_grant(self, ticket: Ticket) -> bool:
         slots, preparing = self._past_queue(ticket.level)
         if preparing >= self._max_preparing:
             return False
-        if slots and slots + ticket.slots > self._capacity:
+        if slots and slots + ticket.slots > self._effective_capacity():
             return False
         if self._kv_usage < self._settings.kv_high_watermark:
             return True
@@ -271,24 +396,90 @@ class AdmissionController:
         return any(t.level > ticket.level for t in self._granted.values())
 
     def _view(self, t: Ticket) -> WaitingView:
-        return WaitingView(key=t.key, level=t.level, weight=t.weight, arrival_at=t.arrival_at)
+        # Cheaper first within a class: a request counts as arriving later by its work.
+        delay = self._settings.cheap_first_factor * t.work_s if self._slo_active() else 0.0
+        return WaitingView(key=t.key, level=t.level, weight=t.weight,
+                           arrival_at=t.arrival_at + delay)
+
+    def _predict(self, ticket: Ticket, now: float, queued_ahead_s: float) -> float:
+        return predicted_ttft_s(
+            waited_s=now - ticket.arrival_at, queued_ahead_work_s=queued_ahead_s,
+            rate=self._bucket.rate, admitted_work_s=self._admitted_work(ticket.level),
+            own_work_s=ticket.work_s, calibration=self._calibration.ratio)
+
+    def _refresh_rate(self, now: float) -> None:
+        if self._model is not None:
+            self._bucket.set_rate(self._model.max_work_rate(
+                self._running, self._tpot_target, self._settings.slo_safety), now)
 
     def _pump(self) -> None:
         if not self._waiting:
             return
         now = self._clock()
+        slo = self._slo_active()
+        if slo:
+            self._refresh_rate(now)
         blocked_level: int | None = None  # FIFO: nothing of this level or lower passes
+        queued_ahead_s = 0.0  # work of the tickets before this one that stay queued
         for view in self._policy.order((self._view(t) for t in self._waiting.values()), now):
             ticket = self._waiting[view.key]
             if blocked_level is not None and ticket.level >= blocked_level:
+                queued_ahead_s += ticket.work_s
                 continue
-            if self._may_grant(ticket):
+            if slo and ticket.ttft_target_s is not None:
+                predicted = self._predict(ticket, now, queued_ahead_s)
+                if predicted > ticket.ttft_target_s:
+                    self._reject(ticket, predicted)
+                    continue
+            granted = self._may_grant(ticket)
+            if granted and slo and not self._bucket.fits(ticket.work_s, now) and not any(
+                    t.level > ticket.level for t in self._granted.values()):
+                # Work enters as fast as running requests keep their TPOT target; a
+                # request that outranks work in vLLM goes in anyway (vLLM serves it first).
+                granted = False
+                self._wake_after(self._bucket.wait_s(ticket.work_s, now))
+            if granted:
                 self._grant(ticket, now)
             else:
+                queued_ahead_s += ticket.work_s
                 blocked_level = ticket.level if blocked_level is None else min(
                     blocked_level, ticket.level)
 
+    def _wake_after(self, delay_s: float) -> None:
+        """Pump again once the work bucket has refilled enough (one timer at a time)."""
+        if self._wake is not None and not self._wake.cancelled():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        def wake() -> None:
+            self._wake = None
+            self._pump()
+
+        self._wake = loop.call_later(min(max(delay_s, 0.001), 1.0), wake)
+
+    def _reject(self, ticket: Ticket, predicted_s: float) -> None:
+        """Shed a queued ticket that can no longer meet its TTFT target."""
+        self._unqueue(ticket)
+        ticket.state = TicketState.DONE
+        self.metrics.count(ticket.class_name, Event.SHED)
+        retry_after = max(0.1, predicted_s - (ticket.ttft_target_s or 0.0))
+        error = RequestRejectedError(
+            f"request {ticket.request_id} shed: predicted time to first token "
+            f"{predicted_s:.2f}s is over class {ticket.class_name!r}'s ttft_target_s="
+            f"{ticket.ttft_target_s}; retry after {retry_after:.1f}s",
+            retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)
+        if ticket._future is not None and not ticket._future.done():
+            ticket._future.set_exception(error)
+
     def _grant(self, ticket: Ticket, now: float) -> None:
+        if self._slo_active():
+            self._bucket.take(ticket.work_s, now)
+            ticket.predicted_engine_s = self._admitted_work(ticket.level) + ticket.work_s
+            ticket.predicted_ttft_s = (now - ticket.arrival_at
+                                       + self._calibration.ratio * ticket.predicted_engine_s)
         self._unqueue(ticket)
         ticket.state = TicketState.PREPARING
         ticket.granted_at = now
@@ -320,6 +511,24 @@ class AdmissionController:
             deadline_in_s=None if ticket.queue_deadline_at is None
             else ticket.queue_deadline_at - now,
         )
+        if decision is None and self._slo_active() and ticket.ttft_target_s is not None:
+            self._refresh_rate(now)
+            mine = self._policy.effective_level(self._view(ticket), now)
+            queued_ahead_s = sum(
+                t.work_s for t in self._waiting.values()
+                if self._policy.effective_level(self._view(t), now) <= mine)
+            predicted = self._predict(ticket, now, queued_ahead_s)
+            if predicted > ticket.ttft_target_s:
+                ticket.state = TicketState.DONE
+                self.metrics.count(ticket.class_name, Event.SHED)
+                retry_after = max(0.1, predicted - ticket.ttft_target_s)
+                raise RequestRejectedError(
+                    f"request {ticket.request_id} shed: predicted time to first token "
+                    f"{predicted:.2f}s is over class {ticket.class_name!r}'s ttft_target_s="
+                    f"{ticket.ttft_target_s} ({queued_ahead_s:.2f}s of queued and "
+                    f"{self._admitted_work(ticket.level):.2f}s of admitted engine work ahead); "
+                    f"retry after {retry_after:.1f}s",
+                    retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)
         if decision is None:
             return
         reason, retry_after_s = decision
@@ -358,8 +567,13 @@ class AdmissionController:
 
     def stats(self) -> AdmissionStats:
         preparing = sum(t.state is TicketState.PREPARING for t in self._granted.values())
+        slo = SloStats(
+            active=self._slo_active(), model=self._model, work_rate=self._bucket.rate,
+            max_running=self._max_running(), calibration=self._calibration.ratio,
+            admitted_work_s=self._admitted_work(max(
+                (c.level for c in self._classes.values()), default=0)))
         return AdmissionStats(
-            capacity=self._capacity,
+            capacity=self._effective_capacity(),
             max_preparing=self._max_preparing,
             queued=len(self._waiting),
             preparing=preparing,
@@ -367,7 +581,22 @@ class AdmissionController:
             kv_cache_usage=self._kv_usage,
             service_rate_per_s=self._rate.rate(self._clock()),
             classes=self.metrics.snapshot(),
+            slo=slo,
         )
+
+    def queued_count(self) -> int:
+        """Requests waiting in pio's queue (all classes)."""
+        return len(self._waiting)
+
+    def load(self) -> int:
+        """Requests held: queued, being prepared or in vLLM (sequences counted)."""
+        return sum(t.slots for t in self._waiting.values()) + sum(
+            t.slots for t in self._granted.values())
+
+    def saturated(self) -> bool:
+        """True while every class's queue is full: every new request would be shed."""
+        return all(self._queued_per_class.get(name, 0) >= cls.max_queue_len
+                   for name, cls in self._classes.items())
 
     def held_state(self) -> dict[str, int]:
         """Per-request state still held (all zero when idle: the leak check)."""
@@ -377,6 +606,8 @@ class AdmissionController:
     def close(self) -> None:
         """Refuse new tickets and fail the queued ones."""
         self._closed = True
+        if self._wake is not None:
+            self._wake.cancel()
         for ticket in list(self._waiting.values()):
             self._unqueue(ticket)
             ticket.state = TicketState.DONE

@@ -20,18 +20,23 @@ import numpy as np
 
 # Buckets for queue wait and TTFT (seconds): ~1 engine step on a GPU up to a minute.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Buckets for actual / predicted TTFT (a ratio, no unit).
+RATIO_BUCKETS = (0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
 class Event(enum.Enum):
     """Counted admission events."""
 
     ADMITTED = "admitted"
+    DEFERRED = "deferred"  # had to wait in the queue (not admitted on arrival)
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
     SHED = "shed"
     EXPIRED = "expired"
     PREEMPTED = "preempted"  # by pio's scheduler inside vLLM (counted when a request ends)
+    SLO_MET = "slo_met"  # finished within its class's TTFT and TPOT targets
+    SLO_MISSED = "slo_missed"  # finished, but missed a target
 
 
 def percentile(samples: Iterable[float], q: float) -> float | None:
@@ -51,12 +56,16 @@ class ClassStats:
     preparing: int
     running: int
     admitted: int
+    deferred: int
     completed: int
     failed: int
     cancelled: int
     shed: int
     expired: int
     preempted: int
+    slo_met: int
+    slo_missed: int
+    ttft_prediction_error_p50: float | None  # |predicted - actual| / actual, median
     queue_wait_p50_s: float | None
     queue_wait_p99_s: float | None
     ttft_p50_s: float | None
@@ -71,6 +80,7 @@ class _ClassCounters:
     events: dict[Event, int] = field(default_factory=lambda: {e: 0 for e in Event})
     queue_wait_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
     ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    prediction_error: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
 
 
 class PrometheusExporter:
@@ -85,6 +95,9 @@ class PrometheusExporter:
         self.queued = Gauge(
             "pio_queued_requests", "Requests waiting in pio's queue", ["priority_class"],
             registry=registry)
+        self.queue_depth = Gauge(
+            "pio_queue_depth", "Requests waiting in pio's queue, all classes",
+            registry=registry)
         self.preparing = Gauge(
             "pio_preparing_requests", "Requests past pio's queue being rendered / decoded",
             ["priority_class"], registry=registry)
@@ -97,6 +110,14 @@ class PrometheusExporter:
         self.ttft = Histogram(
             "pio_time_to_first_token_seconds", "Time from arrival to the first output token",
             ["priority_class"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.predicted_ttft = Histogram(
+            "pio_predicted_time_to_first_token_seconds",
+            "TTFT that SLO admission predicted when it let the request in",
+            ["priority_class"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.ttft_ratio = Histogram(
+            "pio_ttft_actual_over_predicted", "Actual TTFT divided by SLO admission's "
+            "prediction (a ratio)", ["priority_class"], buckets=RATIO_BUCKETS,
+            registry=registry)
 
 
 class AdmissionMetrics:
@@ -119,6 +140,7 @@ class AdmissionMetrics:
         c.queued += delta
         if self._prom is not None:
             self._prom.queued.labels(cls).set(c.queued)
+            self._prom.queue_depth.inc(delta)
 
     def add_preparing(self, cls: str, delta: int) -> None:
         c = self._get(cls)
@@ -142,15 +164,27 @@ class AdmissionMetrics:
         if self._prom is not None:
             self._prom.ttft.labels(cls).observe(seconds)
 
+    def observe_prediction(self, cls: str, predicted_s: float, actual_s: float) -> None:
+        if actual_s <= 0:
+            return
+        self._get(cls).prediction_error.append(abs(predicted_s - actual_s) / actual_s)
+        if self._prom is not None:
+            self._prom.predicted_ttft.labels(cls).observe(predicted_s)
+            if predicted_s > 0:
+                self._prom.ttft_ratio.labels(cls).observe(actual_s / predicted_s)
+
     def snapshot(self) -> dict[str, ClassStats]:
         out = {}
         for name, c in self._classes.items():
             e = c.events
             out[name] = ClassStats(
                 queued=c.queued, preparing=c.preparing, running=c.running,
-                admitted=e[Event.ADMITTED], completed=e[Event.COMPLETED],
+                admitted=e[Event.ADMITTED], deferred=e[Event.DEFERRED],
+                completed=e[Event.COMPLETED],
                 failed=e[Event.FAILED], cancelled=e[Event.CANCELLED], shed=e[Event.SHED],
                 expired=e[Event.EXPIRED], preempted=e[Event.PREEMPTED],
+                slo_met=e[Event.SLO_MET], slo_missed=e[Event.SLO_MISSED],
+                ttft_prediction_error_p50=percentile(c.prediction_error, 50),
                 queue_wait_p50_s=percentile(c.queue_wait_s, 50),
                 queue_wait_p99_s=percentile(c.queue_wait_s, 99),
                 ttft_p50_s=percentile(c.ttft_s, 50),

@@ -23,6 +23,7 @@ class ShedReason(enum.Enum):
 
     QUEUE_FULL = "queue_full"
     DEADLINE_INFEASIBLE = "deadline_infeasible"
+    SLO_INFEASIBLE = "slo_infeasible"  # predicted to miss its class's TTFT target
 
 
 @dataclass(frozen=True)

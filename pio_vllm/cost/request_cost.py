@@ -30,10 +30,6 @@ class RequestCost:
     expected_output_tokens: int
     kv_blocks: int  # KV cache blocks for prompt + expected output
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.expected_output_tokens
-
 
 class CostModel:
     """Prices requests; learns per-class output lengths from finished requests."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pio_vllm.admission.controller import AdmissionController
+from pio_vllm.admission.slo_policy import WorkModel
 from pio_vllm.engine.vllm_backend import VllmBackend
 from pio_vllm.settings import TuningSettings
 from pio_vllm.tuning.batch_tuner import (
@@ -35,8 +36,12 @@ logger = logging.getLogger(__name__)
 class TuningLoop:
     def __init__(self, settings: TuningSettings, backend: VllmBackend,
                  admission: AdmissionController | None, mix: Callable[[], RequestMix],
-                 kv_high_watermark: float, lookahead: int, registry: Any | None) -> None:
+                 kv_high_watermark: float, lookahead: int, registry: Any | None, *,
+                 apply_limits: bool = True) -> None:
+        """`apply_limits`: tune the scheduler's limits and the admission capacity (batch
+        tuning); off, the loop only fits the step model for SLO admission."""
         self._settings = settings
+        self._apply_limits = apply_limits
         self._backend = backend
         self._admission = admission
         self._mix = mix
@@ -57,26 +62,41 @@ class TuningLoop:
             self._task.add_done_callback(self._done)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the loop (it starts again on the next `ensure_started`)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     def stats(self) -> TunerStats:
         return self.tuner.stats()
 
     async def step(self) -> BatchLimits:
-        """One round: push the current limits, pull samples, decide the next limits."""
+        """One round: push the current limits, pull samples, refit, decide the next limits."""
         limits = self.tuner.limits
-        result = await self._backend.batch_limits(
-            limits.max_active, limits.max_tokens, self.tuner.token_floor,
-            limits.max_encoder_tokens)
+        if self._apply_limits:
+            result = await self._backend.batch_limits(
+                limits.max_active, limits.max_tokens, self.tuner.token_floor,
+                limits.max_encoder_tokens)
+        else:
+            result = await self._backend.batch_limits(None, None, None)
         self.engine_limits = {k: v for k, v in result.items() if k != "samples"}
         self.tuner.observe(StepSample(*s) for s in result.get("samples", ()))
-        new = self.tuner.decide(self._mix())
-        capacity = new.max_active + self._lookahead
-        if self._admission is not None and self._admission.capacity != capacity:
-            self._admission.set_capacity(capacity)
+        if self._apply_limits:
+            new = self.tuner.decide(self._mix())
+            capacity = new.max_active + self._lookahead
+            if self._admission is not None and self._admission.capacity != capacity:
+                self._admission.set_capacity(capacity)
+        else:
+            new = limits
+            self.tuner.refit()
+        if self._admission is not None:
+            model = self.tuner.stats().model
+            good = model is not None and model.r2 >= self._settings.min_r2
+            self._admission.set_work_model(WorkModel(
+                model.base_s, model.per_token_s, model.per_vision_token_s)
+                if good and model is not None else None)
         if self._gauges is not None:
             self._gauges.update(self.tuner.stats())
         return new
@@ -100,14 +120,24 @@ class _Gauges:
                                 "Requests allowed to run at once (tuned)", registry=registry)
         self.max_tokens = Gauge("pio_batch_max_tokens",
                                 "Tokens scheduled per engine step (tuned)", registry=registry)
-        self.model = Gauge("pio_step_model", "Fitted engine step-time model",
-                           ["term"], registry=registry)
+        # The fitted step-time model, one unit per metric.
+        self.base = Gauge("pio_step_model_base_seconds",
+                          "Fitted engine step time with nothing scheduled", registry=registry)
+        self.per_token = Gauge("pio_step_model_seconds_per_token",
+                               "Fitted engine step time per scheduled token",
+                               registry=registry)
+        self.per_vision = Gauge("pio_step_model_seconds_per_vision_token",
+                                "Fitted engine step time per vision token encoded",
+                                registry=registry)
+        self.r2 = Gauge("pio_step_model_r2",
+                        "Share of step-time variance the fitted model explains (R^2)",
+                        registry=registry)
 
     def update(self, stats: TunerStats) -> None:
         self.max_active.set(stats.limits.max_active)
         self.max_tokens.set(stats.limits.max_tokens)
         if stats.model is not None:
-            self.model.labels("base_seconds").set(stats.model.base_s)
-            self.model.labels("per_token_seconds").set(stats.model.per_token_s)
-            self.model.labels("per_vision_token_seconds").set(stats.model.per_vision_token_s)
-            self.model.labels("r2").set(stats.model.r2)
+            self.base.set(stats.model.base_s)
+            self.per_token.set(stats.model.per_token_s)
+            self.per_vision.set(stats.model.per_vision_token_s)
+            self.r2.set(stats.model.r2)

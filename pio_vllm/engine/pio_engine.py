@@ -40,6 +40,7 @@ from pio_vllm.errors import (
     PioError,
     UnknownPriorityError,
 )
+from pio_vllm.intake.cost_estimate import estimate_request
 from pio_vllm.intake.image_loader import ImageCacheStats, ImageLoader
 from pio_vllm.intake.request_intake import RequestIntake, max_images_per_request
 from pio_vllm.request import (
@@ -150,7 +151,9 @@ class PioEngine:
                 clock=self._clock, registry=self._registry,
             )
             controller = self._admission
-            backend.probe.add_listener(lambda st: controller.update_kv_usage(st.kv_cache_usage))
+            backend.probe.add_listener(
+                lambda st: controller.update_engine(st.kv_cache_usage, st.num_running))
+            backend.probe.add_waiting(lambda: controller.queued_count())
         images = ImageLoader(self._settings.images)
         intake = RequestIntake(
             images, tokenizer=backend.tokenizer, geometry=backend.geometry,
@@ -160,10 +163,11 @@ class PioEngine:
         runner = RequestRunner(backend, self._admission, self._clock, self._spawn)
         self._parts = _Running(backend, images, intake, runner,
                                CostModel(backend.geometry, backend.block_size))
-        if self._settings.tuning.enabled:
+        if self._settings.tuning.enabled or self._settings.slo_admission_on():
             self._tuning = TuningLoop(
                 self._settings.tuning, backend, self._admission, self._request_mix,
-                admission.kv_high_watermark, admission.lookahead, self._registry)
+                admission.kv_high_watermark, admission.lookahead, self._registry,
+                apply_limits=self._settings.tuning.enabled)
         levels = {c.level for c in self._settings.priority_classes.values()}
         if backend.scheduling_policy != "priority" and len(levels) > 1:
             logger.warning(
@@ -214,6 +218,11 @@ class PioEngine:
     def closed(self) -> bool:
         """True once shutdown() has begun."""
         return self._closed
+
+    @property
+    def dead(self) -> bool:
+        """True when vLLM's engine has died."""
+        return self._parts is not None and self._parts.backend.errored
 
     @property
     def tuning(self) -> TuningLoop | None:
@@ -341,11 +350,13 @@ class PioEngine:
         if not self._active:
             self._idle.set()
 
-    def _ticket(self, trace: RequestTrace, slots: int = 1) -> Ticket | None:
+    def _ticket(self, trace: RequestTrace, slots: int = 1, prompt_tokens: int = 0,
+                vision_tokens: int = 0) -> Ticket | None:
         if self._admission is None:
             return None
         return self._admission.ticket(trace.request_id, trace.level, trace.class_name,
-                                      trace.deadline_at, slots)
+                                      trace.deadline_at, slots, prompt_tokens=prompt_tokens,
+                                      vision_tokens=vision_tokens)
 
     def _price(self, trace: RequestTrace, prompt_tokens: int, vision_tokens: int,
                params: Any) -> None:
@@ -391,7 +402,11 @@ class PioEngine:
         try:
             if self._tuning is not None:
                 self._tuning.ensure_started()
-            async for out in parts.runner.run(trace, self._ticket(trace), prepare):
+            prompt_tokens, vision_tokens = estimate_request(
+                request, parts.backend.geometry,
+                self._settings.admission.unknown_image_vision_tokens)
+            ticket = self._ticket(trace, 1, prompt_tokens, vision_tokens)
+            async for out in parts.runner.run(trace, ticket, prepare):
                 completion = out.outputs[0]
                 new_ids = tuple(completion.token_ids)
                 trace.token_ids.extend(new_ids)
@@ -447,11 +462,11 @@ class PioEngine:
                 "served through pio; accepted: a rendered prompt dict (streaming input is not)")
         trace = self._begin(request_id, priority, priority_class, deadline_at)
         n = int(getattr(sampling_params, "n", 1) or 1)
-        if ticket is None:
-            ticket = self._ticket(trace, n)
         placeholders = (engine_input.get("mm_placeholders") or {}).get("image") or []
         vision = sum(int(getattr(p, "length", 0)) for p in placeholders)
         prompt_len = len(engine_input.get("prompt_token_ids") or ())
+        if ticket is None:
+            ticket = self._ticket(trace, n, prompt_len, vision)
         trace.prompt_tokens, trace.vision_tokens = prompt_len, vision
         self._price(trace, prompt_len, vision, sampling_params)
         submission = Submission(engine_input, sampling_params, dict(vllm_kwargs or {}))

@@ -151,8 +151,11 @@ class RequestRunner:
         if out.finished:
             completion = out.outputs[0] if out.outputs else None
             trace.finish_reason = completion.finish_reason if completion is not None else None
-            if ticket is not None and self._admission is not None and trace.preemptions:
-                self._admission.observe_preemptions(ticket, trace.preemptions)
+            if ticket is not None and self._admission is not None:
+                if trace.preemptions:
+                    self._admission.observe_preemptions(ticket, trace.preemptions)
+                self._admission.observe_finish(ticket, trace.ttft_s(), trace.tpot_s(
+                    self._clock()))
 
     def _arm_deadline(self, trace: RequestTrace) -> asyncio.TimerHandle | None:
         if trace.deadline_at is None:

@@ -43,6 +43,16 @@ class RequestTrace:
     # passed, the server shut down); None while vLLM decides how it ends.
     aborted_by: PioError | None = None
 
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.arrival_at
+
+    def tpot_s(self, now: float) -> float | None:
+        """Mean time per output token after the first (None below two tokens)."""
+        if self.first_token_at is None or self.output_tokens < 2:
+            return None
+        end = self.finished_at if self.finished_at is not None else now
+        return (end - self.first_token_at) / (self.output_tokens - 1)
+
     def timings(self) -> RequestTimings:
         return RequestTimings(
             arrival_wall=self.arrival_wall,

@@ -4,6 +4,12 @@ vLLM's AsyncLLM output handler calls every stat logger with the SchedulerStats t
 EngineCore sends with each step's outputs (running, waiting, KV cache usage). The probe is a
 StatLoggerBase (interface identical in vLLM 0.23 and 0.32) that keeps the latest numbers and
 step timing for pio's admission and tuning; it never logs.
+
+pio's loggers run before vLLM's own (vLLM 0.32 StatLoggerManager puts custom loggers first),
+so the probe also adds the requests waiting in pio's queue to the stats' waiting count
+(`add_waiting`): vLLM's `vllm:num_requests_waiting` gauge, which routers and Gateway API
+endpoint pickers read as a replica's queue, then counts the requests pio holds back too
+(otherwise it reads about 0 on a saturated replica, since pio keeps vLLM's queue short).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class EngineStatsProbe:
         self._clock = clock
         self._stats = EngineStats(0, 0, 0.0, 0, None, 0, 0)
         self._listeners: list[Callable[[EngineStats], None]] = []
+        self._extra_waiting: Callable[[], int] | None = None
 
     def snapshot(self) -> EngineStats:
         return self._stats
@@ -43,6 +50,10 @@ class EngineStatsProbe:
     def add_listener(self, listener: Callable[[EngineStats], None]) -> None:
         """Call `listener(stats)` after each update (in the event loop, keep it short)."""
         self._listeners.append(listener)
+
+    def add_waiting(self, count: Callable[[], int]) -> None:
+        """Report `count()` more waiting requests to vLLM's later stat loggers."""
+        self._extra_waiting = count
 
     def update(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         prev = self._stats
@@ -69,6 +80,9 @@ class EngineStatsProbe:
         )
         for listener in self._listeners:
             listener(self._stats)
+        if self._extra_waiting is not None:
+            scheduler_stats.num_waiting_reqs = (int(scheduler_stats.num_waiting_reqs)
+                                                + self._extra_waiting())
 
     def logger_factory(self) -> Callable[[Any, int], StatLoggerBase]:
         """A vLLM StatLoggerFactory whose loggers feed this probe."""
@@ -91,3 +105,35 @@ class EngineStatsProbe:
                 pass
 
         return _ProbeLogger
+
+
+def silent_prometheus_logger() -> type[Any]:
+    """A stand-in for vLLM's default Prometheus stat logger, which does nothing.
+
+    pio passes a stat logger (the probe), so vLLM computes stats even with
+    `disable_log_stats`, and its StatLoggerManager then adds its Prometheus logger unless a
+    custom one is given (vLLM 0.23 and 0.32 `StatLoggerManager.__init__`). With the user's
+    `disable_log_stats: true`, pio passes this one instead: no vllm:* series, and none of
+    their per-step cost on the frontend's CPU."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class SilentPrometheusLogger(PrometheusStatLogger):  # type: ignore[misc]
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+            self.engine_indexes = engine_indexes or [0]
+
+        def record(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+        def log(self) -> None:
+            pass
+
+    return SilentPrometheusLogger

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pio_vllm.cost.vision_tokens import VisionGeometry
-from pio_vllm.engine.stats_probe import EngineStatsProbe
+from pio_vllm.engine.stats_probe import EngineStatsProbe, silent_prometheus_logger
 from pio_vllm.errors import (
     ConfigError,
     EngineDeadError,
@@ -107,7 +107,9 @@ def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None
     Runs after vLLM resolved the config, because the scheduler must match vLLM's choice of
     async scheduling. The settings reach the EngineCore in `additional_config["pio"]`."""
     preemption = settings.admission.preemption
-    tuning = settings.tuning.enabled
+    # BatchLimitScheduler records the step samples the step model is fitted on: batch
+    # tuning and SLO admission both need them.
+    tuning = settings.tuning.enabled or settings.slo_admission_on()
     scheduler_config = vllm_config.scheduler_config
     if preemption and str(scheduler_config.policy) != "priority":
         raise ConfigError(
@@ -219,12 +221,21 @@ class VllmBackend:
             vllm_config = args.create_engine_config(usage)
         except Exception as e:
             raise ConfigError(f"invalid vLLM engine arguments for {model_path!r}: {e}") from e
+        if int(getattr(vllm_config.parallel_config, "data_parallel_size", 1)) > 1:
+            raise ConfigError(
+                f"data_parallel_size={vllm_config.parallel_config.data_parallel_size}: pio "
+                "admits into one engine (its capacity and KV usage are one engine's); run one "
+                "replica per engine behind a router instead: pio-vllm serve-replicas "
+                "--replicas N (tensor and pipeline parallelism pass through)")
         scheduler = install_pio_scheduler(vllm_config, settings)
         probe = EngineStatsProbe()
+        loggers: list[Any] = [probe.logger_factory()]
+        if args.disable_log_stats:
+            loggers.append(silent_prometheus_logger())
         t0 = time.perf_counter()
         try:
             llm = AsyncLLM.from_vllm_config(
-                vllm_config, usage_context=usage, stat_loggers=[probe.logger_factory()],
+                vllm_config, usage_context=usage, stat_loggers=loggers,
                 enable_log_requests=args.enable_log_requests,
                 disable_log_stats=args.disable_log_stats)
         except Exception as e:

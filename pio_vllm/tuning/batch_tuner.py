@@ -156,6 +156,11 @@ class BatchTuner:
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
         return StepModel(base, slopes.get("tokens", 0.0), slopes.get("vision", 0.0), r2, n)
 
+    def refit(self) -> StepModel | None:
+        """Refit the step model without deciding limits (SLO admission without tuning)."""
+        self._model = self.fit()
+        return self._model
+
     def decide(self, mix: RequestMix) -> BatchLimits:
         """The limits for the next interval (smoothed towards the target)."""
         self._decisions += 1

@@ -1,32 +1,54 @@
 """Batch tuning on real vLLM (CPU): BatchLimitScheduler's limits change at runtime through
-the engine-core utility call, and the tuning loop fits the engine's step time."""
+the engine-core utility call, and the tuning loop fits the engine's step time.
+
+The session engine runs BatchLimitScheduler already (its config's SLO targets turn on SLO
+admission, which fits the same step model); these tests pause its observe-only loop, run a
+limit-applying one, and restore the engine's limits afterwards."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
 
+from pio_vllm.engine.batch_tuning import TuningLoop
 from pio_vllm.engine.pio_engine import PioEngine
 from pio_vllm.request import PioRequest
 from pio_vllm.tuning.batch_tuner import StepSample
-from tests.helpers import noise_image, tiny_settings
+from tests.helpers import noise_image
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
-@pytest_asyncio.fixture(scope="module")
-async def tuned_engine() -> AsyncIterator[PioEngine]:
-    settings = tiny_settings()
-    settings = settings.model_copy(update={
-        "tuning": settings.tuning.model_copy(update={
-            "enabled": True, "interval_s": 0.1, "min_samples": 16, "tpot_target_s": 0.05}),
-        "vllm_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-    })
-    async with PioEngine(settings) as engine:
-        yield engine
+@dataclass
+class Tuned:
+    engine: PioEngine
+    loop: TuningLoop
+
+
+@pytest_asyncio.fixture
+async def tuned(engine: PioEngine) -> AsyncIterator[Tuned]:
+    """The session engine with a limit-applying tuning loop instead of its own."""
+    own = engine.tuning
+    assert own is not None and engine.admission is not None
+    await own.aclose()
+    settings = engine.settings.tuning.model_copy(update={
+        "enabled": True, "interval_s": 0.1, "min_samples": 16, "tpot_target_s": 0.05})
+    admission = engine.settings.admission
+    loop = TuningLoop(settings, engine.backend, engine.admission, engine._request_mix,
+                      admission.kv_high_watermark, admission.lookahead, None)
+    loop.ensure_started()
+    try:
+        yield Tuned(engine, loop)
+    finally:
+        await loop.aclose()
+        backend = engine.backend
+        await backend.batch_limits(backend.max_num_seqs, backend.max_num_batched_tokens,
+                                   backend.max_num_batched_tokens, 10**9)
+        engine.admission.set_capacity(backend.max_num_seqs + admission.lookahead)
+        own.ensure_started()
 
 
 def requests(n: int, tokens: int, images: bool = False) -> list[PioRequest]:
@@ -36,12 +58,11 @@ def requests(n: int, tokens: int, images: bool = False) -> list[PioRequest]:
             for i in range(n)]
 
 
-async def test_tuning_loop_fits_step_time_and_applies_limits(tuned_engine: PioEngine) -> None:
-    loop = tuned_engine.tuning
-    assert loop is not None
+async def test_tuning_loop_fits_step_time_and_applies_limits(tuned: Tuned) -> None:
+    tuned_engine, loop = tuned.engine, tuned.loop
     await tuned_engine.generate_batch(requests(8, 48, images=True) + requests(8, 48))
-    await asyncio.sleep(0.3)  # one more round trip after the traffic
-    stats = tuned_engine.stats().tuning
+    await loop.step()  # one more round trip after the traffic
+    stats = loop.stats()
     assert stats is not None and stats.decisions > 0
     assert stats.model is not None and stats.model.samples >= 16
     # which term carries the cost depends on the machine (on a loaded 2-core CPU the vision
@@ -59,9 +80,9 @@ async def test_tuning_loop_fits_step_time_and_applies_limits(tuned_engine: PioEn
     assert tuned_engine.admission.capacity == loop.tuner.limits.max_active + lookahead
 
 
-async def test_runtime_cap_bounds_running_requests(tuned_engine: PioEngine) -> None:
-    loop = tuned_engine.tuning
-    assert loop is not None and tuned_engine.admission is not None
+async def test_runtime_cap_bounds_running_requests(tuned: Tuned) -> None:
+    tuned_engine, loop = tuned.engine, tuned.loop
+    assert tuned_engine.admission is not None
     await loop.aclose()  # hold the limits still: no tuner decisions during this test
     backend = tuned_engine.backend
     tuned_engine.admission.set_capacity(10)  # pio lets all 8 into vLLM ...
@@ -78,14 +99,15 @@ async def test_runtime_cap_bounds_running_requests(tuned_engine: PioEngine) -> N
         backend.max_num_seqs, backend.max_num_batched_tokens)
 
 
-async def test_encoder_budget_encodes_one_image_per_step(tuned_engine: PioEngine) -> None:
+async def test_encoder_budget_encodes_one_image_per_step(tuned: Tuned) -> None:
     """An encoder budget below one image still encodes the largest waiting image whole,
     one per step, instead of several images in one step."""
     from pio_vllm.cost.vision_tokens import vision_tokens
 
+    tuned_engine = tuned.engine
     backend = tuned_engine.backend
-    assert tuned_engine.tuning is not None and tuned_engine.admission is not None
-    await tuned_engine.tuning.aclose()
+    assert tuned_engine.admission is not None
+    await tuned.loop.aclose()
     tuned_engine.admission.set_capacity(10)
     sizes = [(320 + 32 * i, 240) for i in range(6)]
     largest = max(vision_tokens(w, h, backend.geometry) for w, h in sizes)

@@ -277,7 +277,7 @@ async def test_kv_watermark_holds_back_all_but_requests_that_outrank() -> None:
     a = eng.submit("a", "standard")
     await settle()
     eng.start(a)
-    ctl.update_kv_usage(0.95)
+    ctl.update_engine(0.95, 1)
     eng.submit("b", "standard")
     eng.submit("c", "batch")
     await settle()
@@ -286,7 +286,7 @@ async def test_kv_watermark_holds_back_all_but_requests_that_outrank() -> None:
     await settle()
     assert eng.granted == ["a", "hi"]  # hi outranks a: vLLM frees a's KV for it
     eng.start(hi)
-    ctl.update_kv_usage(0.5)
+    ctl.update_engine(0.5, 1)
     await settle()
     assert eng.granted == ["a", "hi", "b", "c"]
     with pytest.raises(ValueError, match="capacity must be >= 1"):
