@@ -52,7 +52,9 @@ def parse_args(argv: list[str], default_config: str | None) -> tuple[Any, PioSet
         raise ConfigError(
             f"--api-server-count {args.api_server_count} / --data-parallel-size "
             f"{getattr(args, 'data_parallel_size', 1)}: pio serves from one API-server "
-            "process (its admission queue lives there); accepted: 1"
+            "process and one engine (its admission queue and capacity live there); accepted: "
+            "1. To grow, run replicas behind a router: pio-vllm serve-replicas --replicas N "
+            "(tensor and pipeline parallelism pass through)"
         )
     # The engine arguments that differ from vLLM's defaults: the file's and the flags'.
     engine = {

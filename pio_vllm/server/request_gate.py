@@ -47,6 +47,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from pio_vllm.admission.controller import Release, Ticket
 from pio_vllm.engine.pio_engine import PioEngine
 from pio_vllm.errors import (
@@ -62,10 +64,11 @@ from pio_vllm.errors import (
     UnauthorizedError,
     UnknownPriorityError,
 )
+from pio_vllm.intake.cost_estimate import estimate_payload
 from pio_vllm.intake.image_loader import ImageLoader
 from pio_vllm.server.http_errors import error_response
 from pio_vllm.server.media_scan import MediaKind, MediaRef, scan
-from pio_vllm.server.route_policy import RoutePolicy, classify, strip_root
+from pio_vllm.server.route_policy import PIO_PATHS, RoutePolicy, classify, strip_root
 from pio_vllm.settings import ImageSettings, PioSettings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 VLLM_PRIORITY_HEADER = "x-vllm-priority"  # vLLM 0.32 GenerateBaseServing.PRIORITY_HEADER
+# SLO admission's TTFT prediction for the request (seconds from arrival), on its response.
+PREDICTED_TTFT_HEADER = "x-pio-predicted-ttft-s"
 
 
 @dataclass
@@ -87,6 +92,7 @@ class ServedRequest:
     tenant: str | None
     deadline_at: float | None  # monotonic
     ticket: Ticket | None = None  # admission place left to use, until an engine call takes it
+    predicted_ttft_s: float | None = None  # SLO admission's prediction at the grant
 
     def take_ticket(self) -> Ticket | None:
         ticket, self.ticket = self.ticket, None
@@ -157,6 +163,9 @@ class RequestGate:
             await app(scope, receive, send)
             return
         policy = classify(method, path, self._server.extra_routes)
+        if policy is RoutePolicy.OPEN and path in PIO_PATHS:
+            await self._pio_route(path)(scope, receive, send)
+            return
         if policy is RoutePolicy.OPEN:
             await app(scope, receive, send)
             return
@@ -177,8 +186,10 @@ class RequestGate:
                 body = await self._read_body(receive)
                 payload = self._parse(body)
                 before = payload.get("priority")
+                refs = self._media_refs(payload)  # refusals cost no queue place
                 if policy is RoutePolicy.GATED:
-                    served = await self._admit(scope, receive, payload, tenant, key_class)
+                    served = await self._admit(scope, receive, payload, refs, tenant,
+                                               key_class)
                     if served is None:  # the client left while queued
                         return
                 else:
@@ -186,7 +197,7 @@ class RequestGate:
                     served = ServedRequest(level, name, tenant, None)
                 # Re-encode only when something changed: a body with megabytes of base64
                 # costs milliseconds to encode on the event loop.
-                if await self._media(payload) or payload.get("priority") != before or (
+                if await self._check_media(refs) or payload.get("priority") != before or (
                         type(before) is not int):
                     body = json.dumps(payload).encode()
                 receive = _replay(body, receive)
@@ -202,12 +213,37 @@ class RequestGate:
             await _refuse(scope, receive, send, e, param)
             return
         token = current_request.set(served)
+        if served.predicted_ttft_s is not None:
+            send = _with_header(send, PREDICTED_TTFT_HEADER, f"{served.predicted_ttft_s:.4f}")
         try:
             await app(scope, receive, send)
         finally:
             current_request.reset(token)
             # vLLM refused the request before it reached the engine (a 400 of its own)
             self._release_unused(served)
+
+    def _pio_route(self, path: str) -> JSONResponse:
+        """pio's own open routes: /get_load (vllm-router's power_of_two reads `load`) and
+        /ready (503 while draining, when the engine is dead, or while every class's queue is
+        full: this replica would shed everything)."""
+        admission = self._engine.admission
+        if path == "/get_load":
+            if admission is not None:
+                load = admission.load()
+            else:
+                load = self._engine.backend.num_unfinished() if not self._engine.closed else 0
+            return JSONResponse({"load": load})
+        reason = None
+        if self._draining() or self._engine.closed:
+            reason = "draining"
+        elif self._engine.dead:
+            reason = "engine dead"
+        elif admission is not None and admission.saturated():
+            reason = "every class queue is full"
+        if reason is not None:
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503,
+                                headers={"Retry-After": "5"})
+        return JSONResponse({"ready": True})
 
     def _release_unused(self, served: ServedRequest) -> None:
         ticket = served.take_ticket()
@@ -282,9 +318,10 @@ class RequestGate:
         return payload
 
     async def _admit(self, scope: Scope, receive: Receive, payload: dict[str, Any],
-                     tenant: str | None, key_class: str | None) -> ServedRequest | None:
-        """Priority, deadline and sequences, then the wait in pio's queue. None when the
-        client disconnected while queued."""
+                     refs: list[MediaRef], tenant: str | None,
+                     key_class: str | None) -> ServedRequest | None:
+        """Priority, deadline and sequences, then the wait in pio's queue (priced by its
+        estimated tokens). None when the client disconnected while queued."""
         level, name = self._priority(scope, payload, key_class)
         payload["priority"] = level
         deadline_at = self._deadline(scope)
@@ -292,11 +329,16 @@ class RequestGate:
         served = ServedRequest(level, name, tenant, deadline_at)
         admission = self._engine.admission
         if admission is not None:
+            prompt_tokens, vision_tokens = estimate_payload(
+                payload, [r.value for r in refs], self._engine.backend.geometry,
+                self._settings.admission.unknown_image_vision_tokens)
             ticket = admission.ticket(f"http-{next(self._ids)}", level, name, deadline_at,
-                                      slots=slots)
+                                      slots=slots, prompt_tokens=prompt_tokens,
+                                      vision_tokens=vision_tokens)
             if not await _wait_unless_disconnected(admission.admit(ticket), receive):
                 return None
             served.ticket = ticket
+            served.predicted_ttft_s = ticket.predicted_ttft_s
         return served
 
     def _priority(self, scope: Scope, payload: dict[str, Any],
@@ -358,12 +400,12 @@ class RequestGate:
             counts.append(value)
         return max(counts)
 
-    async def _media(self, payload: dict[str, Any]) -> bool:
-        """Apply the media policy to every reference; True if the payload was rewritten
-        (an image fetched or read, now inline)."""
+    def _media_refs(self, payload: dict[str, Any]) -> list[MediaRef]:
+        """Every image reference in the body; refuses (at once, before any queueing) media
+        pio does not accept and more images than allowed."""
         refs = scan(payload)
         if not refs:
-            return False
+            return refs
         for ref in refs:
             if ref.kind is MediaKind.REFUSED:
                 raise ImageSourceError(
@@ -375,6 +417,11 @@ class RequestGate:
         if len(refs) > limit:
             raise TooManyImagesError(
                 f"request has {len(refs)} images; at most {limit} per request are accepted")
+        return refs
+
+    async def _check_media(self, refs: list[MediaRef]) -> bool:
+        """Apply the media policy to every reference (fetch, read, check), rewriting the
+        body in place; True if an image was fetched or read and is now inline."""
         rewritten = False
         for i, ref in enumerate(refs):
             rewritten = await self._check_image(ref, i) or rewritten
@@ -451,6 +498,18 @@ def _header(scope: Scope, name: str) -> str | None:
         if key.lower() == target:
             return bytes(value).decode("latin-1")
     return None
+
+
+def _with_header(send: Send, name: str, value: str) -> Send:
+    """A `send` that adds one header to the response start."""
+
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []),
+                                              (name.encode(), value.encode())]}
+        await send(message)
+
+    return sender
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

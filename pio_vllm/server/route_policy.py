@@ -4,7 +4,8 @@ vLLM's app exposes many routes (read from vLLM 0.32.0: generation in several API
 tokenizer, render, batch, SageMaker, scoring, elastic scaling, docs, ...), and a new vLLM
 release may add more. pio serves an explicit list and turns every other route off:
 
-- OPEN: no key needed, nothing reaches the engine: /health, /metrics, /version;
+- OPEN: no key needed, nothing reaches the engine: /health, /metrics, /version, and pio's
+  own /get_load (the load vllm-router's power_of_two policy reads) and /ready;
 - KEY_ONLY: an API key when keys are configured, no body: GET /v1/models;
 - GATED: the whole gate (key, body limits, JSON, priority, deadline, pio's queue, the media
   policy): POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/messages;
@@ -27,7 +28,9 @@ class RoutePolicy(enum.Enum):
     OFF = "off"
 
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# pio answers these itself (the gate), for routers and orchestrators.
+PIO_PATHS = frozenset({"/get_load", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"}) | PIO_PATHS
 KEY_ONLY_ROUTES = frozenset({("GET", "/v1/models")})
 GATED_ROUTES = frozenset({
     ("POST", "/v1/chat/completions"),

@@ -1,0 +1,239 @@
+"""Two tiny `pio-vllm serve` replicas behind vllm-router, started by `pio-vllm serve-replicas`
+(loopback only): requests spread over both, priority headers and API keys pass through, a
+429 from a full replica is retried on the other, and a killed replica fails its in-flight
+requests within seconds while the survivor serves, until the supervisor has restarted it
+and the router readmits it.
+
+The router runs round_robin here so that which replica a request reaches is known; the
+default power_of_two reads each replica's /get_load, checked in test_get_load_*.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks.server_mode import free_port
+from tests.server_helpers import KEYS, MODEL, metric, write_config
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+KEY = {"Authorization": "Bearer key-plain"}
+
+
+@dataclass
+class ReplicaSet:
+    proc: subprocess.Popen[bytes]
+    router: str
+    replicas: list[str]
+    log_dir: Path
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*")))
+
+    def supervisor_log(self) -> str:
+        return self.log_dir.joinpath("supervisor.out").read_text(errors="replace")
+
+    def replica_pid(self, index: int) -> int:
+        pids = re.findall(rf"started replica-{index} \(pid (\d+)\)", self.supervisor_log())
+        return int(pids[-1])
+
+
+def completed(url: str) -> float:
+    return metric(httpx.get(url + "/metrics", timeout=10).text, "pio_admission_events_total",
+                  event="completed")
+
+
+def wait_for(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def replica_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet]:
+    tmp = tmp_path_factory.mktemp("replicas")
+    config = write_config(
+        tmp / "replica.yaml",
+        engine={"max_num_seqs": 2},
+        vllm_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        priority_classes={
+            "interactive": {"level": 0, "max_queue_len": 8, "weight": 4.0},
+            "standard": {"level": 1, "max_queue_len": 8, "weight": 2.0},
+            "batch": {"level": 2, "max_queue_len": 1, "weight": 1.0},
+        },
+        server={"api_keys": [{"key": k, **v} for k, v in KEYS.items()],
+                "drain_timeout_s": 2.0},
+    )
+    port = free_port()
+    log_dir = tmp / "logs"
+    log_dir.mkdir()
+    with (log_dir / "supervisor.out").open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pio_vllm", "serve-replicas", "--replicas", "2",
+             "--port", str(port), "--policy", "round_robin", "--log-dir", str(log_dir),
+             "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    rs = ReplicaSet(proc, f"http://127.0.0.1:{port}",
+                    [f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"], log_dir)
+    try:
+        wait_for(lambda: proc.poll() is not None or "serving on" in rs.supervisor_log(), 600,
+                 "replicas and router up")
+        assert proc.poll() is None, rs.log()[-4000:]
+        yield rs
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(180)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait(10)
+            assert code == 0, rs.supervisor_log()[-3000:]
+
+
+def chat(text: str, max_tokens: int = 4) -> dict[str, object]:
+    return {"model": MODEL, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": text}]}
+
+
+def test_requests_spread_over_both_replicas(replica_set: ReplicaSet) -> None:
+    before = [completed(url) for url in replica_set.replicas]
+    for i in range(6):
+        r = httpx.post(replica_set.router + "/v1/chat/completions", json=chat(f"hi {i}"),
+                       headers=KEY, timeout=60)
+        assert r.status_code == 200, r.text
+    after = [completed(url) for url in replica_set.replicas]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]
+
+
+def test_priority_headers_and_keys_pass_through_the_router(replica_set: ReplicaSet) -> None:
+    def done(cls: str) -> float:
+        return sum(metric(httpx.get(url + "/metrics", timeout=10).text,
+                          "pio_admission_events_total", priority_class=cls,
+                          event="completed") for url in replica_set.replicas)
+
+    before = done("interactive")
+    r = httpx.post(replica_set.router + "/v1/chat/completions", json=chat("now"), timeout=60,
+                   headers={"Authorization": "Bearer key-interactive", "X-Priority": "0"})
+    assert r.status_code == 200, r.text
+    assert done("interactive") == before + 1
+    r = httpx.post(replica_set.router + "/v1/chat/completions", json=chat("now"), timeout=60,
+                   headers={"Authorization": "Bearer key-batch", "X-Priority": "interactive"})
+    assert r.status_code == 403 and "above this API key's class" in r.text
+    r = httpx.post(replica_set.router + "/v1/chat/completions", json=chat("x"), timeout=60)
+    assert r.status_code == 401
+
+
+def test_get_load_counts_what_a_replica_holds(replica_set: ReplicaSet) -> None:
+    url = replica_set.replicas[0]
+    assert httpx.get(url + "/get_load", timeout=10).json() == {"load": 0}
+    assert httpx.get(url + "/ready", timeout=10).json() == {"ready": True}
+    with httpx.Client(timeout=60) as c, c.stream(
+            "POST", url + "/v1/chat/completions", headers=KEY,
+            json={**chat("long", 2000), "stream": True, "ignore_eos": True}) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line)
+        assert first.startswith("data: {"), first
+        loads = [httpx.get(url + "/get_load", timeout=10).json()["load"] for _ in range(3)]
+        metrics = [line for line in httpx.get(url + "/metrics", timeout=10).text.splitlines()
+                   if line.startswith(("pio_running", "pio_queued", "vllm:num_requests"))]
+        rest = [line[:300] for line, _ in zip(lines, range(4), strict=False)]
+        assert loads[0] == 1, (loads, metrics, rest)
+
+
+def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> None:
+    """Replica 0's batch capacity (max_num_seqs 2 + lookahead 2) and queue (1) are filled
+    directly; router requests that land there are refused with 429 and retried on replica
+    1, so the client sees none."""
+    full = replica_set.replicas[0]
+    batch = {"Authorization": "Bearer key-batch"}
+
+    def shed() -> float:
+        return metric(httpx.get(full + "/metrics", timeout=10).text,
+                      "pio_admission_events_total", event="shed")
+
+    shed_before = shed()
+    with httpx.Client(timeout=120) as c:
+        streams = [c.stream("POST", full + "/v1/chat/completions", headers=batch,
+                            json={**chat(f"fill {i}", 3000), "stream": True,
+                                  "ignore_eos": True}) for i in range(4)]
+        opened = [s.__enter__() for s in streams]
+        queued = threading.Thread(target=lambda: httpx.post(
+            full + "/v1/chat/completions", headers=batch, json=chat("queued"), timeout=120))
+        try:
+            for response in opened[:2]:
+                next(response.iter_lines())  # the two running ones stream
+            queued.start()
+            wait_for(lambda: httpx.get(full + "/get_load", timeout=5).json()["load"] == 5,
+                     30, "replica 0 full: 4 admitted, 1 queued")
+            codes = [httpx.post(replica_set.router + "/v1/chat/completions", json=chat("x"),
+                                headers=batch, timeout=120).status_code for _ in range(4)]
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+            queued.join(120)
+    assert codes == [200] * 4, codes
+    assert shed() > shed_before  # replica 0 did refuse; the router went elsewhere
+
+
+def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
+        replica_set: ReplicaSet) -> None:
+    victim = replica_set.replicas[1]
+    ended: list[float] = []
+    with httpx.Client(timeout=120) as c:
+        # round robin: of two requests through the router, one lands on each replica
+        streams = [c.stream("POST", replica_set.router + "/v1/chat/completions", headers=KEY,
+                            json={**chat(f"long {i}", 3000), "stream": True,
+                                  "ignore_eos": True}) for i in range(2)]
+        opened = [s.__enter__() for s in streams]
+        for response in opened:
+            next(response.iter_lines())
+        killed_at = time.monotonic()
+
+        def drain(response: httpx.Response) -> None:
+            try:
+                for _ in response.iter_lines():
+                    pass
+            except httpx.HTTPError:
+                pass
+            ended.append(time.monotonic() - killed_at)
+
+        readers = [threading.Thread(target=drain, args=(r,), daemon=True) for r in opened]
+        for reader in readers:
+            reader.start()
+        os.killpg(replica_set.replica_pid(1), signal.SIGKILL)
+        wait_for(lambda: bool(ended), 10, "the killed replica's stream ended")
+        for stream in streams:
+            stream.__exit__(None, None, None)  # ends the survivor's stream too
+    assert len(ended) >= 1 and min(ended) < 10, ended
+    codes = [httpx.post(replica_set.router + "/v1/chat/completions", json=chat(f"after {i}"),
+                        headers=KEY, timeout=60).status_code for i in range(4)]
+    assert codes == [200] * 4, codes  # new requests go to the survivor
+    # the supervisor starts the replica again; the router's health check readmits it
+    wait_for(lambda: healthy(victim), 600, "replica 1 restarted")
+    before = completed(victim)
+    wait_for(lambda: httpx.post(replica_set.router + "/v1/chat/completions", json=chat("back"),
+                                headers=KEY, timeout=60).status_code == 200
+             and completed(victim) > before, 60, "replica 1 readmitted by the router")
