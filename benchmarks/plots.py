@@ -1,4 +1,10 @@
-"""PNG plots of one A/B run: TTFT CDF per class and side, output throughput over time."""
+"""PNG plots of one A/B run: TTFT CDF per class and side, output throughput over time.
+
+The CDFs are honest about what was not served: each curve's denominator is every request of
+its class, so a side that shed or failed requests ends below 1.0 by that share. A scenario
+with an SLO gets its TTFT target drawn as a vertical line. Needs matplotlib (the `bench`
+extra).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_runs(run: dict[str, dict[str, Any]], stem: Path, title: str) -> list[Path]:
+def plot_runs(run: dict[str, dict[str, Any]], stem: Path, title: str,
+              ttft_target_s: float | None = None) -> list[Path]:
     """`run`: side name -> result with per-request `rows`. Returns the files written."""
     import matplotlib
 
@@ -18,12 +25,20 @@ def plot_runs(run: dict[str, dict[str, Any]], stem: Path, title: str) -> list[Pa
     for side, result in run.items():
         rows = result.get("rows") or []
         for cls in sorted({r["priority_class"] for r in rows}):
-            ttfts = sorted(r["ttft_s"] for r in rows
-                           if r["priority_class"] == cls and r["ok"] and r["ttft_s"] is not None)
+            of_class = [r for r in rows if r["priority_class"] == cls]
+            ttfts = sorted(r["ttft_s"] for r in of_class
+                           if r["ok"] and r["ttft_s"] is not None)
             if not ttfts:
                 continue
-            ys = [(i + 1) / len(ttfts) for i in range(len(ttfts))]
-            ax.step(ttfts, ys, where="post", label=f"{side} / {cls}")
+            # every request of the class is in the denominator: shed/failed ones never reach
+            ys = [(i + 1) / len(of_class) for i in range(len(ttfts))]
+            served = len(ttfts) / len(of_class)
+            ax.step(ttfts, ys, where="post",
+                    label=f"{side} / {cls}" + ("" if served == 1 else f" ({served:.0%} served)"))
+    if ttft_target_s is not None:
+        ax.axvline(ttft_target_s, color="grey", linestyle="--", linewidth=1,
+                   label=f"TTFT target {ttft_target_s:g} s")
+    ax.set_ylim(0, 1.02)
     ax.set_xscale("log")
     written.append(_finish(plt, fig, ax, stem.with_name(stem.name + "-ttft-cdf.png"),
                            "time to first token (s, log)", "fraction of requests",

@@ -84,8 +84,9 @@ def checks(run: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "unloaded_ttft_max_s": _r(max(unloaded)) if unloaded else None,
             "low_ttft_p50_s": _r(percentile(_ttfts(side, "low-"), 50)),
             "output_tok_per_s": side["output_tok_per_s"],
-            "preemptions": sum(c.get("preemptions") or 0
-                               for c in side["classes"].values()),
+            # in-process: per request (vLLM 0.32 reports it); server: pio's counter
+            "preemptions": side.get("preemptions") if side.get("preemptions") is not None
+            else sum(c.get("preemptions") or 0 for c in side["classes"].values()),
         }
     plain, pio = out.get("plain"), out.get("pio")
     if plain and pio:

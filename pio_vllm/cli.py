@@ -1,7 +1,10 @@
 """The `pio-vllm` command line (the edge: it builds settings and hands them down).
 
-    pio-vllm demo [--config FILE] [--model PATH_OR_ID] [--requests N] [--max-tokens N]
+    pio-vllm demo [--config FILE] [--model PATH_OR_ID] [--batch N] [--interactive N]
+                  [--max-tokens N]
     pio-vllm serve [--config FILE] [vllm serve flags ...]
+    pio-vllm serve-replicas --replicas N [--port P] [--policy power_of_two] [serve flags ...]
+    pio-vllm config [--config FILE]
     pio-vllm bench SCENARIO [--mode inproc|server] [--repeats N] [--preset P]
     pio-vllm make-model DIR [--preset tiny|qwen3-vl-2b] [--seed N] [--overwrite]
 """
@@ -63,16 +66,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pio_vllm.demo import run_demo
 
     settings = _load_settings(args)
-    return asyncio.run(run_demo(settings, args.requests, args.max_tokens))
+    return asyncio.run(run_demo(settings, args.batch, args.interactive, args.max_tokens))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from pio_vllm.plugin import default_config_for_device
     from pio_vllm.server.launcher import main as serve_main
+    from pio_vllm.settings import PioSettings
 
-    return serve_main(args.rest, str(default_config_path()))
+    # Without --config: $PIO_CONFIG, else the Qwen3-VL-2B config for this machine's device.
+    default = PioSettings.env_config_path() or str(default_config_for_device())
+    return serve_main(args.rest, default)
+
+
+def _cmd_serve_replicas(args: argparse.Namespace) -> int:
+    from pio_vllm.server.replicas import main as replicas_main
+
+    return replicas_main(args.rest)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from pio_vllm.settings import PioSettings, explain
+
+    path = args.config or PioSettings.env_config_path() or default_config_path()
+    settings = PioSettings.load(path)
+    print(f"pio-vllm settings from {path} (sources, highest first: override, env PIO_*, "
+          "file, default)")
+    for line in explain(settings, path):
+        print(f"{line.name} = {line.value!r}  [{line.source}]")
+        if line.description:
+            print(textwrap.fill(line.description, width=96, initial_indent="    ",
+                                subsequent_indent="    "))
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("pio-vllm bench plots with matplotlib, which is not installed; install the "
+              "`bench` extra: uv run --extra cpu --extra bench pio-vllm bench ...",
+              file=sys.stderr)
+        return 2
     # The benchmarks live in the source checkout next to the package, not in the wheel.
     root = Path(__file__).resolve().parent.parent
     if not (root / "benchmarks" / "scenarios.py").is_file():
@@ -94,13 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's INFO logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run a mixed image/text batch and print a table")
+    demo = sub.add_parser(
+        "demo", help="a flood of batch work with interactive requests arriving during it; "
+        "prints a per-request table and per-class TTFT")
     demo.add_argument("--config", type=Path, default=None,
                       help=f"settings YAML (default: configs/{DEFAULT_CONFIG})")
     demo.add_argument("--model", default=None,
                       help="Qwen3-VL checkpoint path, hub id or pio:PRESET (overrides config)")
-    demo.add_argument("--requests", type=int, default=12, help="number of requests")
-    demo.add_argument("--max-tokens", type=int, default=24, help="output tokens per request")
+    demo.add_argument("--batch", type=int, default=24, help="batch requests in the flood")
+    demo.add_argument("--interactive", type=int, default=6,
+                      help="interactive requests arriving during the flood")
+    demo.add_argument("--max-tokens", type=int, default=128,
+                      help="output tokens per batch request")
     demo.set_defaults(func=_cmd_demo)
 
     serve = sub.add_parser(
@@ -112,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--config FILE (pio settings) and any `vllm serve` flag")
     serve.set_defaults(func=_cmd_serve)
 
+    replicas = sub.add_parser(
+        "serve-replicas", add_help=False,
+        help="N `pio-vllm serve` replicas behind vllm-router (the `router` extra); "
+        "`pio-vllm serve-replicas --help`")
+    replicas.add_argument("rest", nargs=argparse.REMAINDER)
+    replicas.set_defaults(func=_cmd_serve_replicas)
+
     bench = sub.add_parser(
         "bench", add_help=False,
         help="A/B benchmark against plain vLLM: overhead, priority-inversion, "
@@ -119,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_cmd_bench)
+
+    config = sub.add_parser(
+        "config", help="print the effective settings with their sources and descriptions "
+        "(the settings reference)")
+    config.add_argument("--config", type=Path, default=None,
+                        help="settings YAML (default: $PIO_CONFIG, else configs/"
+                        f"{DEFAULT_CONFIG})")
+    config.set_defaults(func=_cmd_config)
 
     make = sub.add_parser("make-model", help="write a random-weight Qwen3-VL checkpoint")
     make.add_argument("dir", type=Path, help="output directory")
@@ -133,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     head = [a for a in argv if a not in ("-v", "--verbose")]
-    if head[:1] in (["serve"], ["bench"]):
+    passthrough = {"serve": _cmd_serve, "bench": _cmd_bench,
+                   "serve-replicas": _cmd_serve_replicas}
+    if head[:1] and head[0] in passthrough:
         # Their flags start with "--"; argparse's REMAINDER would not collect them.
-        func = _cmd_serve if head[0] == "serve" else _cmd_bench
         args = argparse.Namespace(verbose=head[0] == "serve" or len(head) != len(argv),
-                                  command=head[0], func=func, rest=head[1:])
+                                  command=head[0], func=passthrough[head[0]], rest=head[1:])
     else:
         args = build_parser().parse_args(argv)
     _quiet_vllm(args.verbose)

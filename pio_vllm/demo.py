@@ -1,8 +1,13 @@
-"""`pio-vllm demo`: a mixed batch through PioEngine, with a per-request table (frontend process).
+"""`pio-vllm demo`: what pio is for, on one screen (frontend process).
 
-Builds (or reuses) the tiny local Qwen3-VL unless a model is given, starts the engine,
-sends text-only and image requests of several sizes in two priority classes at once, shows
-progress as requests finish, and prints a per-request table and totals.
+Builds (or reuses) the tiny local Qwen3-VL unless a model is given and starts the engine.
+One interactive request runs alone first: its time to first token is the unloaded
+reference. Then a flood of batch requests (images of several sizes, long outputs) arrives
+at once, more than the engine runs at a time, and interactive requests arrive one by one
+while it runs. pio holds the flood in its queue before rendering it and preempts batch work
+inside vLLM for each interactive request, so interactive TTFT stays near the unloaded
+reference while batch requests wait their turn. Prints progress, a per-request table and a
+per-class summary.
 """
 
 from __future__ import annotations
@@ -53,26 +58,29 @@ def synthetic_image(width: int, height: int, seed: int) -> Image.Image:
 class DemoItem:
     label: str
     image_size: tuple[int, int] | None
+    arrival_s: float  # offset from the start of the flood
     request: PioRequest
 
 
-def demo_requests(n: int, max_tokens: int) -> list[DemoItem]:
-    """`n` requests cycling through text-only and each image size, alternating two classes."""
+def demo_requests(n_batch: int, n_interactive: int, batch_tokens: int,
+                  interactive_tokens: int, every_s: float) -> list[DemoItem]:
+    """The flood (batch, at t=0, cycling through text and each image size) and the
+    interactive requests (224x224 image, one every `every_s` from 0.5 s)."""
     kinds: list[tuple[int, int] | None] = [None, *IMAGE_SIZES]
     items = []
-    for i in range(n):
+    for i in range(n_batch):
         size = kinds[i % len(kinds)]
-        priority = "interactive" if i % 3 == 0 else "batch"
-        images = [synthetic_image(size[0], size[1], seed=i)] if size else []
-        request = PioRequest(
+        items.append(DemoItem(f"batch-{i:02d}", size, 0.0, PioRequest(
             prompt=PROMPTS[i % len(PROMPTS)],
-            images=images,
-            sampling={"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
-            priority=priority,
-            request_id=f"demo-{i:02d}",
-            metadata={"kind": "text" if size is None else "image"},
-        )
-        items.append(DemoItem(f"demo-{i:02d}", size, request))
+            images=[synthetic_image(*size, seed=i)] if size else [],
+            sampling={"max_tokens": batch_tokens, "temperature": 0.0, "ignore_eos": True},
+            priority="batch", request_id=f"batch-{i:02d}")))
+    for k in range(n_interactive):
+        items.append(DemoItem(f"inter-{k:02d}", (224, 224), 0.5 + k * every_s, PioRequest(
+            prompt="What is in this picture?", images=[synthetic_image(224, 224, 100 + k)],
+            sampling={"max_tokens": interactive_tokens, "temperature": 0.0,
+                      "ignore_eos": True},
+            priority="interactive", request_id=f"inter-{k:02d}")))
     return items
 
 
@@ -81,58 +89,69 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
 
 
 def format_table(items: list[DemoItem], results: list[RequestResult]) -> str:
-    header = (
-        f"{'request':<9} {'class':<12} {'prio':>4} {'image':>9} {'vis_tok':>7} {'prompt':>6} "
-        f"{'ttft_ms':>8} {'out_tok':>7} {'tok/s':>7} {'status':<8}"
-    )
+    header = (f"{'request':<9} {'class':<12} {'image':>9} {'vis_tok':>7} {'arrive_s':>8} "
+              f"{'queued_ms':>9} {'ttft_ms':>8} {'out_tok':>7} {'preempt':>7} {'status':<8}")
     lines = [header, "-" * len(header)]
-    for item, res in zip(items, results, strict=True):
+    pairs = sorted(zip(items, results, strict=True), key=lambda p: (p[0].arrival_s, p[0].label))
+    for item, res in pairs:
         size = f"{item.image_size[0]}x{item.image_size[1]}" if item.image_size else "text"
-        status = res.finish_reason or "" if res.ok else type(res.error).__name__
+        status = (res.finish_reason or "") if res.ok else type(res.error).__name__
+        preempt = "-" if res.preemptions is None else str(res.preemptions)
         lines.append(
-            f"{item.label:<9} {res.priority_class or '-':<12} {res.priority:>4} {size:>9} "
-            f"{res.vision_tokens:>7} {res.prompt_tokens:>6} "
-            f"{_fmt(res.timings.ttft_s, 1000):>8} {res.output_tokens:>7} "
-            f"{_fmt(res.tokens_per_s, 1, 1):>7} {status:<8}"
-        )
+            f"{item.label:<9} {res.priority_class or '-':<12} {size:>9} {res.vision_tokens:>7} "
+            f"{item.arrival_s:>8.1f} {_fmt(res.timings.queued_s, 1000):>9} "
+            f"{_fmt(res.timings.ttft_s, 1000):>8} {res.output_tokens:>7} {preempt:>7} "
+            f"{status:<8}")
     return "\n".join(lines)
 
 
-def format_totals(results: list[RequestResult], wall_s: float) -> str:
+def format_summary(results: list[RequestResult], reference: RequestResult,
+                   wall_s: float) -> str:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
-    lines = [
-        f"requests: {len(ok)}/{len(results)} ok in {wall_s:.2f} s "
-        f"({len(ok) / wall_s:.2f} req/s, {out_tokens / wall_s:.1f} output tok/s)"
-    ]
-    for cls in sorted({r.priority_class for r in ok}, key=str):
-        ttfts = [r.timings.ttft_s for r in ok if r.priority_class == cls and r.timings.ttft_s]
-        if ttfts:
-            lines.append(
-                f"  {cls}: {len(ttfts)} requests, TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms"
-                f", max {max(ttfts) * 1000:.0f} ms"
-            )
+    lines = [f"requests: {len(ok)}/{len(results)} ok in {wall_s:.2f} s "
+             f"({out_tokens / wall_s:.1f} output tok/s)",
+             f"  interactive alone (unloaded reference): TTFT "
+             f"{_fmt(reference.timings.ttft_s, 1000)} ms"]
+    for cls in ("interactive", "batch"):
+        of_class = [r for r in ok if r.priority_class == cls]
+        ttfts = [r.timings.ttft_s for r in of_class if r.timings.ttft_s is not None]
+        if not ttfts:
+            continue
+        preempted = sum(r.preemptions or 0 for r in of_class)
+        lines.append(
+            f"  {cls:<11} during the flood: {len(ttfts)} requests, TTFT p50 "
+            f"{statistics.median(ttfts) * 1000:.0f} ms, max {max(ttfts) * 1000:.0f} ms; "
+            f"preempted {preempted} times")
     return "\n".join(lines)
 
 
-async def run_demo(
-    settings: PioSettings, n_requests: int, max_tokens: int, out: TextIO = sys.stdout
-) -> int:
+async def run_demo(settings: PioSettings, n_batch: int = 24, n_interactive: int = 6,
+                   batch_tokens: int = 128, interactive_tokens: int = 16,
+                   out: TextIO = sys.stdout) -> int:
     """Run the demo; return the process exit code (0 when every request finished)."""
-    print(f"pio-vllm demo: model {settings.model}; starting the vLLM engine ...", file=out)
+    print(f"pio-vllm demo: model {settings.model}; starting the vLLM engine ...", file=out,
+          flush=True)
     async with PioEngine.from_settings(settings) as engine:
-        print(
-            f"engine started in {engine.backend.start_s:.1f} s "
-            f"(vLLM {'.'.join(map(str, engine.backend.version))}, "
-            f"policy {engine.backend.scheduling_policy})",
-            file=out,
-        )
-        items = demo_requests(n_requests, max_tokens)
+        backend = engine.backend
+        print(f"engine started in {backend.start_s:.1f} s (vLLM "
+              f"{'.'.join(map(str, backend.version))}, max_num_seqs {backend.max_num_seqs}, "
+              f"policy {backend.scheduling_policy})", file=out, flush=True)
+        await engine.complete(PioRequest(prompt="warm up", sampling={"max_tokens": 2}))
+        [reference] = await engine.generate_batch([PioRequest(
+            prompt="What is in this picture?", images=[synthetic_image(224, 224, 99)],
+            sampling={"max_tokens": interactive_tokens, "temperature": 0.0,
+                      "ignore_eos": True},
+            priority="interactive", request_id="alone")])
+        items = demo_requests(n_batch, n_interactive, batch_tokens, interactive_tokens, 0.4)
+        print(f"flood: {n_batch} batch requests at once ({batch_tokens} tokens each); "
+              f"{n_interactive} interactive requests arrive during it", file=out, flush=True)
         done = 0
         t0 = time.perf_counter()
 
         async def one(item: DemoItem) -> RequestResult:
             nonlocal done
+            await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - t0)))
             [result] = await engine.generate_batch([item.request])
             done += 1
             state = "ok" if result.ok else f"failed: {result.error}"
@@ -144,5 +163,5 @@ async def run_demo(
     print(file=out)
     print(format_table(items, list(results)), file=out)
     print(file=out)
-    print(format_totals(list(results), wall_s), file=out)
-    return 0 if all(r.ok for r in results) else 1
+    print(format_summary(list(results), reference, wall_s), file=out)
+    return 0 if all(r.ok for r in results) and reference.ok else 1

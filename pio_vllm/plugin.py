@@ -2,16 +2,23 @@
 
     plugin = create_qwen3_vl_2b_instruct_plugin()
     plugin.initialize(enable_async_multimodal_processing=True)   # any PioSettings field too
-    result = await plugin.model.async_process_multimodal_request(text="Describe", image=img)
-    results = await plugin.model.async_process_batch_multimodal_requests(
-        [{"text": "Describe", "image": img}, {"text": "Hello"}])
+    result = await plugin._model.async_process_multimodal_request(
+        text="Describe", image="photo.jpg", on_complete=print)
+    results = await plugin._model.async_process_batch_multimodal_requests(
+        [{"text": "Describe", "image": "photo.jpg"}, {"text": "Hello"}])
     await plugin.shutdown()
 
-Results are `RequestResult` objects (text, token counts, timings, priority, metadata).
+The seed's import path works too: `from pio_vllm.models.qwen3_vl_2b.plugin import
+create_qwen3_vl_2b_instruct_plugin`. Settings: the `config_path` given, else `$PIO_CONFIG`,
+else the Qwen3-VL-2B-Instruct config for this machine (H100 config with CUDA, CPU config
+without). Results are `RequestResult` objects (text, token counts, timings, priority,
+metadata); a request takes every PioRequest field (`on_complete`, `priority`, `deadline`,
+`timeout_s`, `metadata`, `sampling`, `messages`, ...) plus the seed's `text` and `image`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +29,13 @@ from pio_vllm.request import ImageInput, PioRequest, RequestResult
 from pio_vllm.settings import PioSettings
 
 QWEN3_VL_2B_INSTRUCT = "Qwen/Qwen3-VL-2B-Instruct"
-_REQUEST_KEYS = {"text", "image", "images", "priority", "metadata", "max_tokens", "sampling",
-                 "request_id", "deadline", "timeout_s"}
+# PioRequest's fields, plus the seed's names for the prompt and a single image.
+_PIO_FIELDS = {f.name for f in dataclasses.fields(PioRequest)}
+_REQUEST_KEYS = _PIO_FIELDS | {"text", "image", "max_tokens"}
 
 
-def _default_config() -> Path:
+def default_config_for_device() -> Path:
+    """configs/qwen3-vl-2b-instruct-{h100,cpu}.yaml by whether CUDA is available."""
     configs = Path(__file__).resolve().parent.parent / "configs"
     try:
         import torch
@@ -38,62 +47,57 @@ def _default_config() -> Path:
                       "qwen3-vl-2b-instruct-cpu.yaml")
 
 
+def build_request(fields: Mapping[str, Any]) -> PioRequest:
+    """A PioRequest from the seed's request dict (`text`, `image`, `max_tokens`) or any of
+    PioRequest's own fields; unknown keys are an InvalidRequestError naming them."""
+    unknown = sorted(set(fields) - _REQUEST_KEYS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown request field(s) {unknown}; accepted: {sorted(_REQUEST_KEYS)}")
+    kwargs = {k: v for k, v in fields.items() if k in _PIO_FIELDS}
+    if "text" in fields:
+        if kwargs.get("prompt") is not None:
+            raise InvalidRequestError("give `text` or `prompt`, not both")
+        kwargs["prompt"] = fields["text"]
+    images: list[ImageInput] = []
+    image = fields.get("image")
+    if isinstance(image, list | tuple):
+        images.extend(image)
+    elif image is not None:
+        images.append(image)
+    images.extend(kwargs.pop("images", ()) or ())
+    kwargs["images"] = images
+    if fields.get("max_tokens") is not None:
+        kwargs["sampling"] = {**dict(kwargs.get("sampling") or {}),
+                              "max_tokens": fields["max_tokens"]}
+    kwargs["metadata"] = dict(kwargs.get("metadata") or {})
+    return PioRequest(**kwargs)
+
+
 class Qwen3VLModel:
     """The plugin's model: request helpers bound to one running PioEngine."""
 
     def __init__(self, engine: PioEngine) -> None:
         self.engine = engine
 
-    @staticmethod
-    def _request(
-        text: str | None,
-        image: ImageInput | Sequence[ImageInput] | None = None,
-        images: Sequence[ImageInput] | None = None,
-        priority: str | int | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        max_tokens: int | None = None,
-        sampling: Mapping[str, Any] | None = None,
-        request_id: str | None = None,
-        deadline: float | None = None,
-        timeout_s: float | None = None,
-    ) -> PioRequest:
-        all_images: list[ImageInput] = []
-        if image is not None:
-            if isinstance(image, list | tuple):
-                all_images.extend(image)
-            else:
-                all_images.append(image)  # type: ignore[arg-type]
-        all_images.extend(images or ())
-        params = dict(sampling or {})
-        if max_tokens is not None:
-            params["max_tokens"] = max_tokens
-        return PioRequest(prompt=text, images=all_images, sampling=params, priority=priority,
-                          metadata=dict(metadata or {}), request_id=request_id,
-                          deadline=deadline, timeout_s=timeout_s)
-
     async def async_process_multimodal_request(self, text: str | None = None,
-                                               **kwargs: Any) -> RequestResult:
-        """Run one text(+image) request; raise a PioError on failure."""
-        unknown = set(kwargs) - _REQUEST_KEYS
-        if unknown:
-            raise InvalidRequestError(
-                f"unknown request field(s) {sorted(unknown)}; accepted: {sorted(_REQUEST_KEYS)}"
-            )
-        return await self.engine.complete(self._request(text, **kwargs))
+                                               **fields: Any) -> RequestResult:
+        """Run one text(+image) request; raise a PioError on failure. `fields`: `image`,
+        `max_tokens`, or any PioRequest field (`on_complete`, `priority`, ...)."""
+        request = build_request({"text": text, **fields} if text is not None else fields)
+        return await self.engine.complete(request)
 
     async def async_process_batch_multimodal_requests(
         self, requests: Sequence[Mapping[str, Any]], max_concurrency: int | None = None
     ) -> list[RequestResult]:
-        """Run requests concurrently; results in input order, failures as FAILED results."""
+        """Run requests concurrently; results in input order, failures as FAILED results
+        (with their priority and timings)."""
         built = []
         for i, item in enumerate(requests):
-            unknown = set(item) - _REQUEST_KEYS
-            if unknown:
-                raise InvalidRequestError(
-                    f"requests[{i}] has unknown field(s) {sorted(unknown)}; accepted: "
-                    f"{sorted(_REQUEST_KEYS)}"
-                )
-            built.append(self._request(**dict(item)))
+            try:
+                built.append(build_request(item))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"requests[{i}]: {e}") from e
         return await self.engine.generate_batch(built, max_concurrency=max_concurrency)
 
 
@@ -112,29 +116,38 @@ class Qwen3VLPlugin:
             raise ConfigError("plugin is not initialized; call plugin.initialize() first")
         return self._model
 
-    def initialize(self, config_path: str | Path | None = None, **overrides: Any) -> Qwen3VLModel:
-        """Start the engine. `overrides` are PioSettings fields (e.g. engine={...})."""
+    def initialize(self, config_path: str | Path | None = None, *,
+                   enable_async_multimodal_processing: bool = True,
+                   **overrides: Any) -> Qwen3VLModel:
+        """Start the engine. `overrides` are PioSettings fields (e.g. engine={...}).
+
+        `enable_async_multimodal_processing=False` decodes images in-line on the event loop
+        instead of in pio's thread pool: simpler, and slower when requests overlap."""
         if self._model is not None:
             return self._model
-        async_mm = overrides.pop("enable_async_multimodal_processing", True)
-        if async_mm is not True:
+        if not isinstance(enable_async_multimodal_processing, bool):
             raise ConfigError(
-                f"enable_async_multimodal_processing={async_mm!r}: pio always decodes images "
-                "off the event loop; only True is accepted"
-            )
-        path = config_path or self._config_path
-        if path is None:
-            path = _default_config()
-            settings = PioSettings.load(path, **overrides)
-            if "engine" not in overrides:
-                settings = settings.model_copy(
-                    update={"engine": {**settings.engine, "model": self._default_model}})
-        else:
-            settings = PioSettings.load(path, **overrides)
+                f"enable_async_multimodal_processing={enable_async_multimodal_processing!r}; "
+                "accepted: True or False")
+        settings = self._settings(config_path, overrides)
+        if not enable_async_multimodal_processing:
+            settings = settings.model_copy(update={"images": settings.images.model_copy(
+                update={"decode_off_loop": False})})
         engine = PioEngine(settings)
         engine.start_blocking()
         self._model = Qwen3VLModel(engine)
         return self._model
+
+    def _settings(self, config_path: str | Path | None,
+                  overrides: dict[str, Any]) -> PioSettings:
+        path = config_path or self._config_path
+        if path is not None or PioSettings.env_config_path() is not None:
+            return PioSettings.load(path, **overrides)  # None: $PIO_CONFIG
+        settings = PioSettings.load(default_config_for_device(), **overrides)
+        if "engine" not in overrides:
+            settings = settings.model_copy(
+                update={"engine": {**settings.engine, "model": self._default_model}})
+        return settings
 
     async def shutdown(self) -> None:
         if self._model is not None:
@@ -143,5 +156,6 @@ class Qwen3VLPlugin:
 
 
 def create_qwen3_vl_2b_instruct_plugin(config_path: str | Path | None = None) -> Qwen3VLPlugin:
-    """The Qwen3-VL-2B-Instruct plugin (config defaults to the CPU or H100 config)."""
+    """The Qwen3-VL-2B-Instruct plugin (settings: `config_path`, else `$PIO_CONFIG`, else the
+    config for this machine's device)."""
     return Qwen3VLPlugin(config_path=config_path)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,18 @@ class PriorityClass(BaseModel):
     weight: float = Field(
         default=1.0, gt=0, description="Share of admissions when classes compete under aging."
     )
+    ttft_target_s: float | None = Field(
+        default=None, gt=0,
+        description="SLO: time to first token this class's requests must meet (None: no "
+        "SLO). With admission.slo_admission, a request predicted to miss it is refused at "
+        "once (429 + Retry-After) instead of being admitted to miss.",
+    )
+    tpot_target_s: float | None = Field(
+        default=None, gt=0,
+        description="SLO: mean time per output token after the first (None: no SLO). With "
+        "admission.slo_admission, new work enters the engine only as fast as running "
+        "requests keep this.",
+    )
 
 
 def _default_classes() -> dict[str, PriorityClass]:
@@ -98,6 +111,12 @@ class ImageSettings(BaseModel):
     )
     decode_workers: int = Field(
         default=2, gt=0, description="Threads decoding and resizing images, off the event loop."
+    )
+    decode_off_loop: bool = Field(
+        default=True,
+        description="Decode, hash and resize images in the thread pool. False does it in-line "
+        "on the event loop (the plugin's enable_async_multimodal_processing=False): simpler, "
+        "and slower when requests overlap, since the loop waits for each image.",
     )
     decode_max_pending: int = Field(
         default=256, gt=0, description="Most image jobs waiting for a decode thread; more is shed."
@@ -199,6 +218,35 @@ class AdmissionSettings(BaseModel):
         default=64,
         ge=2,
         description="Recent completions used to measure the service rate for deadline checks.",
+    )
+    slo_admission: bool = Field(
+        default=True,
+        description="Where a class has ttft_target_s / tpot_target_s: price each request in "
+        "engine seconds from the step-time model fitted on the scheduler's own step records "
+        "(vision tokens -> encoder time, prompt tokens -> prefill time), refuse at once what "
+        "would miss its TTFT target, let work into vLLM only as fast as running requests "
+        "keep their TPOT target, and within a class let cheaper requests go first.",
+    )
+    slo_safety: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Fraction of the TPOT target the admitted work may use (headroom for "
+        "what the step model misses).",
+    )
+    work_burst_s: float = Field(
+        default=1.0, gt=0,
+        description="Engine seconds of prefill work that may enter at once (the work "
+        "bucket's size); a single larger request enters when the bucket is full.",
+    )
+    cheap_first_factor: float = Field(
+        default=2.0, ge=0,
+        description="Within a class, a request counts as arriving this many seconds later "
+        "per engine second of its own work, so cheap requests pass expensive ones that "
+        "arrived about as early (0: strict FIFO). Aging still applies across classes.",
+    )
+    unknown_image_vision_tokens: int = Field(
+        default=1024, ge=1,
+        description="Vision tokens assumed for an image whose size is not known before "
+        "admission (an http(s) URL or a file pio fetches only once admitted).",
     )
 
 
@@ -426,8 +474,8 @@ class PioSettings(BaseSettings):
 
         Raises ConfigError naming the file and each invalid field.
         """
-        if config_path is None and os.environ.get("PIO_CONFIG"):
-            config_path = os.environ["PIO_CONFIG"]
+        if config_path is None:
+            config_path = cls.env_config_path()
         path = Path(config_path) if config_path is not None else None
         if path is not None and not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -439,6 +487,11 @@ class PioSettings(BaseSettings):
         except Exception as e:  # pydantic ValidationError, YAML errors
             where = f" (config {path})" if path else ""
             raise ConfigError(f"invalid pio settings{where}: {e}") from e
+
+    @staticmethod
+    def env_config_path() -> str | None:
+        """The settings file named by `$PIO_CONFIG`, if set."""
+        return os.environ.get("PIO_CONFIG") or None
 
     # Helpers the engine uses; they read settings only.
 
@@ -452,6 +505,13 @@ class PioSettings(BaseSettings):
         if self.model.startswith(LOCAL_MODEL_PREFIX):
             return self.model[len(LOCAL_MODEL_PREFIX):]
         return None
+
+    def slo_admission_on(self) -> bool:
+        """SLO admission runs: admission is on, slo_admission is on and a class has a TTFT
+        or TPOT target."""
+        return self.admission.enabled and self.admission.slo_admission and any(
+            c.ttft_target_s is not None or c.tpot_target_s is not None
+            for c in self.priority_classes.values())
 
     def local_model_dir(self) -> Path:
         """Cache directory of the 'pio:PRESET' checkpoint for this seed."""
@@ -468,3 +528,64 @@ def _config_file(path: Path | None) -> Iterator[None]:
         yield
     finally:
         _CONFIG_FILE.reset(token)
+
+
+@dataclass(frozen=True)
+class SettingLine:
+    """One effective setting, for `pio-vllm config`."""
+
+    name: str  # dotted path, e.g. admission.lookahead
+    value: Any
+    source: str  # default | file | env | override
+    description: str
+
+
+def explain(settings: PioSettings, config_path: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> list[SettingLine]:
+    """Every effective setting with where its value came from and what it means."""
+    import yaml
+    from pydantic_settings import EnvSettingsSource
+
+    path = config_path if config_path is not None else PioSettings.env_config_path()
+    from_file = yaml.safe_load(Path(path).read_text()) if path else {}
+    from_env = EnvSettingsSource(PioSettings)()
+    lines: list[SettingLine] = []
+
+    def source(keys: tuple[str, ...]) -> str:
+        for name, tree in (("override", overrides or {}), ("env", from_env),
+                           ("file", from_file or {})):
+            node: Any = tree
+            for key in keys:
+                if not isinstance(node, dict) or key not in node:
+                    break
+                node = node[key]
+            else:
+                return name
+        return "default"
+
+    def walk(model: BaseModel, prefix: tuple[str, ...]) -> None:
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            keys = (*prefix, name)
+            description = info.description or ""
+            if isinstance(value, BaseModel):
+                walk(value, keys)
+            elif isinstance(value, dict) and value and all(
+                    isinstance(v, BaseModel) for v in value.values()):
+                for key, item in value.items():
+                    walk(item, (*keys, key))
+            elif isinstance(value, dict) and name in ("engine", "vllm_env"):
+                for key, item in value.items():
+                    what = (f"vLLM engine argument --{key.replace('_', '-')}, passed through "
+                            "verbatim" if name == "engine"
+                            else "environment variable set for vLLM's processes")
+                    lines.append(SettingLine(".".join((*keys, key)), item,
+                                             source((*keys, key)), what))
+            else:
+                shown = "***" if isinstance(value, SecretStr) else value
+                if name == "api_keys" and value:
+                    shown = [f"{k.tenant} ({k.priority_class or 'no class'})" for k in value]
+                lines.append(SettingLine(".".join(keys), shown, source(keys), description))
+
+    walk(settings, ())
+    return lines

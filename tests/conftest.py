@@ -10,6 +10,8 @@ started on first use and shared by the server test modules; the last of them
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,20 @@ import pytest_asyncio
 from pio_vllm.settings import PioSettings
 from tests.helpers import tiny_settings
 from tests.server_helpers import ImageHost, Server, shared_server_config, start_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every engine this suite starts spawns two processes that import vLLM, torch and
+    transformers. Where Python may not write bytecode (PYTHONDONTWRITEBYTECODE=1, as on the
+    development machines), each of those imports compiles ~3,000 modules from source, ~30 s
+    a process. Keep compiled modules in a cache outside site-packages instead, for this
+    process and the ones it starts (set before any test module imports vLLM); uv's
+    reinstalls keep file times, so the cache stays valid."""
+    cache = Path.home() / ".cache" / "pio-vllm" / "pycache"
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(cache))
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
+    sys.dont_write_bytecode = False
 
 
 @pytest.fixture(scope="session")

@@ -354,7 +354,10 @@ class ImageLoader:
     # -- helpers ------------------------------------------------------------------------
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        """Run `fn(*args)` in the decode pool; shed when too many jobs wait."""
+        """Run `fn(*args)` in the decode pool (in-line without `decode_off_loop`); shed when
+        too many jobs wait."""
+        if not self._settings.decode_off_loop:
+            return fn(*args)
         if self._pending >= self._settings.decode_max_pending:
             raise RequestRejectedError(
                 f"{self._pending} image jobs are waiting (images.decode_max_pending="

@@ -1,45 +1,65 @@
-"""The seed's plugin facade, started through its own initialize() on the tiny model."""
+"""The seed's plugin API: its usage example runs unchanged (only the package name differs)
+on the tiny model, in a fresh process with PIO_CONFIG naming the settings file."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from pio_vllm.errors import ConfigError, EmptyPromptError, InvalidRequestError
-from pio_vllm.plugin import create_qwen3_vl_2b_instruct_plugin
-from pio_vllm.request import RequestOutcome
-from tests.helpers import TINY_CONFIG, assert_vllm_idle, noise_image
+from tests.helpers import ROOT, TINY_CONFIG, encode, noise_image
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
+# The seed's example; only the first import line names pio's package (inference_pio there).
+SEED_EXAMPLE = '''
+from pio_vllm.models.qwen3_vl_2b.plugin import create_qwen3_vl_2b_instruct_plugin
+import asyncio
 
-async def test_plugin_single_and_batch_requests() -> None:
-    plugin = create_qwen3_vl_2b_instruct_plugin(config_path=TINY_CONFIG)
-    with pytest.raises(ConfigError, match="not initialized"):
-        _ = plugin.model
-    with pytest.raises(ConfigError, match="enable_async_multimodal_processing=False"):
-        plugin.initialize(enable_async_multimodal_processing=False)
-    model = plugin.initialize(enable_async_multimodal_processing=True,
-                              sampling_defaults={"max_tokens": 8, "temperature": 0.0})
-    try:
-        assert plugin.model is model and plugin._model is model
-        img = noise_image(200, 150, 4)
-        one = await model.async_process_multimodal_request(
-            text="describe", image=img, priority="interactive", metadata={"job": 7})
-        assert one.ok and one.output_tokens > 0 and one.vision_tokens > 0
-        assert one.priority_class == "interactive" and one.metadata == {"job": 7}
-        assert one.timings.ttft_s is not None and one.timings.ttft_s > 0
-        batch = await model.async_process_batch_multimodal_requests([
-            {"text": "describe", "image": img},
-            {"text": "hello there"},
-            {"text": ""},
-        ])
-        assert [r.outcome for r in batch] == [RequestOutcome.FINISHED, RequestOutcome.FINISHED,
-                                              RequestOutcome.FAILED]
-        assert batch[0].token_ids == one.token_ids  # same greedy request, same tokens
-        assert batch[1].vision_tokens == 0
-        assert isinstance(batch[2].error, EmptyPromptError)
-        with pytest.raises(InvalidRequestError, match="unknown request field"):
-            await model.async_process_multimodal_request(text="x", colour="red")
-        await assert_vllm_idle(model.engine)
-    finally:
-        await plugin.shutdown()
+
+def on_done(result):
+    print("callback:", result.request_id, result.outcome.value, result.output_tokens)
+
+
+async def main():
+    plugin = create_qwen3_vl_2b_instruct_plugin()
+    plugin.initialize(enable_async_multimodal_processing=True)
+
+    result = await plugin._model.async_process_multimodal_request(
+        text="Describe this image.", image="path.jpg", on_complete=on_done)
+    print("single:", result.text[:40].replace("\\n", " "), result.vision_tokens)
+
+    results = await plugin._model.async_process_batch_multimodal_requests([
+        {"text": "What is in this picture?", "image": "path.jpg"},
+        {"text": "Write a haiku about the sea."},
+    ])
+    for r in results:
+        print("batch:", r.outcome.value, r.vision_tokens, r.output_tokens)
+    await plugin.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+'''
+
+
+def test_seed_example_runs_unchanged(tmp_path: Path) -> None:
+    (tmp_path / "path.jpg").write_bytes(encode(noise_image(320, 240, seed=5), "JPEG"))
+    (tmp_path / "example.py").write_text(SEED_EXAMPLE)
+    proc = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "PIO_CONFIG": str(TINY_CONFIG),
+                          "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    single = next(line for line in lines if line.startswith("single:"))
+    assert single.endswith(" 80")  # 320x240 -> 80 vision tokens: the image reached vLLM
+    callback = next(line.split() for line in lines if line.startswith("callback:"))
+    assert callback[2] == "finished" and int(callback[3]) > 0
+    batch = [line.split()[1:] for line in lines if line.startswith("batch:")]
+    assert [(outcome, vision) for outcome, vision, _ in batch] == [("finished", "80"),
+                                                                   ("finished", "0")]
+    assert all(int(tokens) > 0 for _, _, tokens in batch)
