@@ -102,11 +102,14 @@ def image_flood(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[
                                 "tokens), Poisson 4/s from 1 s"}}
 
 
+SMOKE = WorkloadSpec(n=10, arrival="poisson", rate_per_s=20.0,
+                     classes={"interactive": 0.3, "batch": 0.7},
+                     images_per_request={0: 0.5, 1: 0.5}, image_sizes={"320x240": 1.0},
+                     output_tokens=(8, 16))
+
+
 def smoke(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
-    spec = WorkloadSpec(n=10, arrival="poisson", rate_per_s=20.0,
-                        classes={"interactive": 0.3, "batch": 0.7},
-                        images_per_request={0: 0.5, 1: 0.5}, image_sizes={"320x240": 1.0},
-                        output_tokens=(8, 16))
+    spec = SMOKE
     path = _derive(base, tmp / "smoke.yaml", preset)
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
             "work": generate(spec), "concurrency": None, "slo": Slo(5.0, 0.5),

@@ -123,12 +123,16 @@ def _data_urls(images: list[Any]) -> list[str]:
 
 
 async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
-                 slo: Slo | None, concurrency: int | None) -> dict[str, Any]:
+                 slo: Slo | None, concurrency: int | None,
+                 headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Replay `work` against a running server; `headers` go with every request (an API
+    key, for instance)."""
     import httpx
 
     images = {rid: _data_urls(imgs) for rid, imgs in make_images(work).items()}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits,
+                                 headers=headers) as client:
         async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
             content: list[dict[str, Any]] = [
                 {"type": "image_url", "image_url": {"url": u}} for u in images[req.request_id]]

@@ -263,12 +263,27 @@ class AdmissionController:
         self.metrics.add_preparing(ticket.class_name, -1)
         self._pump()
 
+    def reprice(self, ticket: Ticket, prompt_tokens: int, vision_tokens: int) -> None:
+        """A granted request's rendered prompt is known: its work becomes the measured size
+        (the estimate at arrival was taken from the bucket; the difference is settled)."""
+        if ticket.key not in self._granted:
+            return
+        old = ticket.work_s
+        ticket.prompt_tokens, ticket.vision_tokens = prompt_tokens, vision_tokens
+        self._price(ticket)
+        if self._slo_active():
+            self._bucket.refund(old - ticket.work_s, self._clock())
+            if ticket.predicted_engine_s is not None:
+                ticket.predicted_engine_s += ticket.work_s - old
+
     def release(self, ticket: Ticket, outcome: Release) -> None:
         """A granted request ended (idempotent): its place frees."""
         if self._granted.pop(ticket.key, None) is None:
             return
         if ticket.state is TicketState.PREPARING:
             self.metrics.add_preparing(ticket.class_name, -1)
+            if self._slo_active():  # it never reached vLLM: its work was not spent
+                self._bucket.refund(ticket.work_s, self._clock())
         ticket.state = TicketState.DONE
         self.metrics.add_running(ticket.class_name, -1)
         self.metrics.count(ticket.class_name, _RELEASE_EVENT[outcome])
@@ -432,10 +447,12 @@ class AdmissionController:
                     self._reject(ticket, predicted)
                     continue
             granted = self._may_grant(ticket)
-            if granted and slo and not self._bucket.fits(ticket.work_s, now) and not any(
+            if granted and slo and self._granted and not self._bucket.fits(
+                    ticket.work_s, now) and not any(
                     t.level > ticket.level for t in self._granted.values()):
                 # Work enters as fast as running requests keep their TPOT target; a
-                # request that outranks work in vLLM goes in anyway (vLLM serves it first).
+                # request that outranks work in vLLM goes in anyway (vLLM serves it first),
+                # and so does one into an idle engine (no one's TPOT to keep).
                 granted = False
                 self._wake_after(self._bucket.wait_s(ticket.work_s, now))
             if granted:

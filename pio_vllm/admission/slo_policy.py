@@ -80,6 +80,10 @@ class WorkBucket:
         self.level(now)
         self._level -= work_s  # may go negative: a large request borrows from the future
 
+    def refund(self, work_s: float, now: float) -> None:
+        """Give back work that did not enter the engine after all (negative: take more)."""
+        self._level = min(self.capacity_s, self.level(now) + work_s)
+
     def wait_s(self, work_s: float, now: float) -> float:
         """Seconds until `work_s` fits."""
         missing = min(work_s, self.capacity_s) - self.level(now)

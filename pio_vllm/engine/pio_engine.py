@@ -467,6 +467,8 @@ class PioEngine:
         prompt_len = len(engine_input.get("prompt_token_ids") or ())
         if ticket is None:
             ticket = self._ticket(trace, n, prompt_len, vision)
+        elif self.admission is not None:  # priced from the body's estimate at arrival
+            self.admission.reprice(ticket, prompt_len, vision)
         trace.prompt_tokens, trace.vision_tokens = prompt_len, vision
         self._price(trace, prompt_len, vision, sampling_params)
         submission = Submission(engine_input, sampling_params, dict(vllm_kwargs or {}))

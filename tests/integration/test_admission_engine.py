@@ -267,7 +267,7 @@ async def test_high_priority_ttft_stays_within_a_few_engine_steps(engine: PioEng
     await assert_vllm_idle(engine)
 
 
-async def test_5000_mixed_requests_leave_no_state(engine: PioEngine) -> None:
+async def test_2000_mixed_requests_leave_no_state(engine: PioEngine) -> None:
     rng = random.Random(5)
     classes = ["interactive", "standard", "batch"]
     outcomes: dict[str, int] = {}
@@ -296,10 +296,10 @@ async def test_5000_mixed_requests_leave_no_state(engine: PioEngine) -> None:
                 key = "expired"
         outcomes[key] = outcomes.get(key, 0) + 1
 
-    await asyncio.gather(*(one(i) for i in range(5000)))
-    print(f"5000 mixed requests: {outcomes}")
-    assert sum(outcomes.values()) == 5000 and "failed" not in outcomes
-    assert outcomes.get("completed", 0) > 1000 and outcomes.get("expired", 0) > 0
+    await asyncio.gather(*(one(i) for i in range(2000)))
+    print(f"2000 mixed requests: {outcomes}")
+    assert sum(outcomes.values()) == 2000 and "failed" not in outcomes
+    assert outcomes.get("completed", 0) > 400 and outcomes.get("expired", 0) > 0
     assert engine.admission.held_state() == {  # type: ignore[union-attr]
         "waiting": 0, "granted": 0, "class_queues": 0}
     await assert_vllm_idle(engine)

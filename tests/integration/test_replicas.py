@@ -180,14 +180,25 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
                             json={**chat(f"fill {i}", 3000), "stream": True,
                                   "ignore_eos": True}) for i in range(4)]
         opened = [s.__enter__() for s in streams]
+        # keep each line iterator: a dropped one closes its response (httpx closes the
+        # connection on GeneratorExit), and the server then cancels that request
+        lines = [response.iter_lines() for response in opened]
         queued = threading.Thread(target=lambda: httpx.post(
             full + "/v1/chat/completions", headers=batch, json=chat("queued"), timeout=120))
         try:
-            for response in opened[:2]:
-                next(response.iter_lines())  # the two running ones stream
+            for it in lines[:2]:
+                next(it)  # the two running ones stream
             queued.start()
-            wait_for(lambda: httpx.get(full + "/get_load", timeout=5).json()["load"] == 5,
-                     30, "replica 0 full: 4 admitted, 1 queued")
+            loads: list[int] = []
+
+            def full_load() -> bool:
+                loads.append(httpx.get(full + "/get_load", timeout=5).json()["load"])
+                return loads[-1] == 5
+
+            try:
+                wait_for(full_load, 30, "replica 0 full: 4 admitted, 1 queued")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; last loads read {loads[-10:]}") from None
             codes = [httpx.post(replica_set.router + "/v1/chat/completions", json=chat("x"),
                                 headers=batch, timeout=120).status_code for _ in range(4)]
         finally:
@@ -208,19 +219,21 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
                             json={**chat(f"long {i}", 3000), "stream": True,
                                   "ignore_eos": True}) for i in range(2)]
         opened = [s.__enter__() for s in streams]
-        for response in opened:
-            next(response.iter_lines())
+        lines = [response.iter_lines() for response in opened]  # kept: see the 429 test
+        for it in lines:
+            next(it)
         killed_at = time.monotonic()
 
-        def drain(response: httpx.Response) -> None:
+        def drain(it: Iterator[str]) -> None:
             try:
-                for _ in response.iter_lines():
+                for _ in it:
                     pass
             except httpx.HTTPError:
                 pass
-            ended.append(time.monotonic() - killed_at)
+            finally:
+                ended.append(time.monotonic() - killed_at)
 
-        readers = [threading.Thread(target=drain, args=(r,), daemon=True) for r in opened]
+        readers = [threading.Thread(target=drain, args=(it,), daemon=True) for it in lines]
         for reader in readers:
             reader.start()
         os.killpg(replica_set.replica_pid(1), signal.SIGKILL)

@@ -118,6 +118,7 @@ async def test_work_enters_at_the_tpot_rate_and_queued_requests_that_can_no_long
     assert granted_now == ["img0"]  # the 1 s bucket lets one 0.75 s image in, the rest waits
     for t in tickets:
         if t.request_id in granted_now:  # type: ignore[attr-defined]
+            eng.start(t)  # type: ignore[arg-type]
             ctl.observe_ttft(t, 0.7)  # type: ignore[arg-type]
             eng.finish(t)  # type: ignore[arg-type]
     clock.now += 1.0
@@ -129,6 +130,36 @@ async def test_work_enters_at_the_tpot_rate_and_queued_requests_that_can_no_long
     await settle()
     assert sorted(eng.shed) == ["img2", "img3"] and ctl.stats().queued == 0
     assert ctl.stats().classes["standard"].shed == 2
+
+
+async def test_work_that_never_reaches_the_engine_is_given_back() -> None:
+    """A granted request that fails in intake (a bad image) spent no engine time: its work
+    returns to the bucket, so a flood of bad requests cannot hold good ones back; a
+    request priced from an estimate is settled at its rendered size."""
+    clock = FakeClock()
+    ctl = slo_controller(clock, work_burst_s=1.0)
+    ctl.update_engine(0.1, 40)
+    eng = FakeEngine(ctl)
+    bad = submit(ctl, eng, "bad", "standard", vision=1344)
+    await settle()
+    assert eng.granted == ["bad"]
+    good = submit(ctl, eng, "good", "standard", vision=1344)
+    await settle()
+    assert "good" not in eng.granted  # the bad image's work was taken from the 1 s bucket
+    eng.finish(bad, Release.FAILED)  # type: ignore[arg-type]  # failed before vLLM
+    await settle()
+    assert "good" in eng.granted  # without waiting for the bucket to refill
+    eng.start(good)  # type: ignore[arg-type]
+    eng.finish(good)  # type: ignore[arg-type]
+    clock.now += 10.0
+    # priced at arrival as a large image, rendered as a small one: the rest is given back
+    est = submit(ctl, eng, "est", "standard", vision=1344)
+    await settle()
+    assert "est" in eng.granted
+    before = ctl._bucket.level(clock.now)
+    ctl.reprice(est, prompt_tokens=69, vision_tokens=49)  # type: ignore[arg-type]
+    assert ctl._bucket.level(clock.now) - before == pytest.approx(
+        MODEL.work_s(1364, 1344) - MODEL.work_s(69, 49))
 
 
 async def test_cheap_requests_go_first_within_a_class() -> None:
