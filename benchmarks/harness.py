@@ -125,6 +125,30 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def warmup_work(work: list[BenchRequest]) -> list[BenchRequest]:
+    """The same warm-up for both sides before the measured run: text and two image sizes,
+    16 tokens each, in two waves of four. It pays one-time costs (first image, first batch
+    shapes) and gives pio's step-time model the ~32 engine steps it fits on, so SLO
+    admission starts the run with a model as a long-running server would. The images are
+    not the workload's (no cache is primed); the class is the workload's lowest."""
+    low = max(work, key=lambda r: r.level) if work else BenchRequest("", "standard", 1, "", 0, 0)
+    sizes: list[tuple[tuple[int, int, int], ...]] = [
+        (), ((224, 224, 900_001),), ((448, 336, 900_002),), (),
+        ((224, 224, 900_003),), ((448, 336, 900_004),), (), ((320, 240, 900_005),)]
+    return [BenchRequest(f"warmup-{i}", low.priority_class, low.level, f"warm up {i}", 16,
+                         0.0, images) for i, images in enumerate(sizes)]
+
+
+async def warm_up(work: list[BenchRequest], submit: Any) -> None:
+    """Run `warmup_work(work)` through a side's `submit` (rows are discarded)."""
+    warm = warmup_work(work)
+    for wave in (warm[:4], warm[4:]):
+        rows = await asyncio.gather(*(submit(r, time.perf_counter()) for r in wave))
+        failed = [r for r in rows if not r.get("ok")]
+        if failed:
+            raise RuntimeError(f"warm-up request failed: {failed[0].get('error')}")
+
+
 async def _replay(work: list[BenchRequest], submit: Any,
                   concurrency: int | None = None) -> tuple[list[dict[str, Any]], float]:
     """Fire each request at its arrival offset, or (closed loop, `concurrency` set) as soon
@@ -193,7 +217,7 @@ async def run_plain(settings_path: str, work: list[BenchRequest],
     plain = settings.model_copy(update={
         "tuning": settings.tuning.model_copy(update={"enabled": False})})
     llm = AsyncLLM.from_engine_args(build_engine_args(plain, resolve_model(settings)))
-    images = make_images(work)
+    images = make_images(work + warmup_work(work))
 
     async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0)
@@ -218,19 +242,37 @@ async def run_plain(settings_path: str, work: list[BenchRequest],
                 "tpot_s": _tpot(first_at, done, n), "e2e_s": done - t_arrival}
 
     try:
-        await _warmup_plain(llm)
+        await warm_up(work, submit)
         rows, wall = await _replay(work, submit, concurrency)
     finally:
         llm.shutdown()
     return summarise(rows, wall, slo) | {"rows": rows}
 
 
-async def _warmup_plain(llm: Any) -> None:
-    from vllm import SamplingParams
+async def _model_fitted(engine: Any, timeout_s: float = 15.0) -> None:
+    """Wait (bounded) for SLO admission's step model after the warm-up; a config without
+    SLO targets or tuning has none to wait for."""
+    settings = engine.settings
+    if not (settings.admission.enabled and settings.admission.slo_admission and any(
+            c.ttft_target_s is not None for c in settings.priority_classes.values())):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        admission = engine.stats().admission
+        if admission is None or admission.slo.model is not None:
+            return
+        await asyncio.sleep(0.25)
+    print("warning: no step-time model fitted after the warm-up; SLO admission starts "
+          "inactive", file=sys.stderr)
 
-    async for _ in llm.generate({"prompt": PROMPT.format("warm up")},
-                                SamplingParams(max_tokens=4), "warmup"):
-        pass
+
+def _event_counts(stats: Any) -> dict[str, int]:
+    """pio's admission event counters, summed over classes (to subtract the warm-up)."""
+    if stats.admission is None:
+        return {}
+    classes = stats.admission.classes.values()
+    return {name: sum(getattr(c, name) for c in classes)
+            for name in ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")}
 
 
 async def run_pio(settings_path: str, work: list[BenchRequest],
@@ -242,7 +284,7 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
     from pio_vllm.settings import PioSettings
 
     settings = PioSettings.load(settings_path)
-    images = make_images(work)
+    images = make_images(work + warmup_work(work))
     async with PioEngine(settings) as engine:
         async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
             ttft, n, pre, first_at, gaps, last, intake = None, 0, 0, None, [], None, None
@@ -274,20 +316,19 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
                     "first_at": first_at, "done_at": done, "intake_s": intake,
                     "e2e_s": done - t_arrival, "error": error}
 
-        await engine.complete(PioRequest(prompt="warm up", sampling={"max_tokens": 4}))
+        await warm_up(work, submit)
+        await _model_fitted(engine)
+        before = _event_counts(engine.stats())
         rows, wall = await _replay(work, submit, concurrency)
         stats = engine.stats()
     result = summarise(rows, wall, slo) | {"rows": rows}
     if stats.admission is not None:
         classes = stats.admission.classes.values()
         result["admission_capacity"] = stats.admission.capacity
-        result["shed"] = sum(c.shed for c in classes)
-        result["expired"] = sum(c.expired for c in classes)
-        result["admission_events"] = {
-            "admitted": sum(c.admitted for c in classes),
-            "deferred": sum(c.deferred for c in classes), "shed": result["shed"],
-            "expired": result["expired"], "slo_met": sum(c.slo_met for c in classes),
-            "slo_missed": sum(c.slo_missed for c in classes)}
+        after = _event_counts(stats)
+        result["admission_events"] = {k: after[k] - before.get(k, 0) for k in after}
+        result["shed"], result["expired"] = (result["admission_events"]["shed"],
+                                             result["admission_events"]["expired"])
         errors = [c.ttft_prediction_error_p50 for c in classes
                   if c.ttft_prediction_error_p50 is not None]
         result["ttft_prediction_error_p50"] = min(errors) if len(errors) == 1 else (

@@ -6,12 +6,15 @@
 - `overhead`: saturating closed loop (concurrency 2 x max_num_seqs), one class, every request
   a 448x336 image and 64 tokens: what pio's layer costs. Target: pio >= 0.98x throughput.
 - `burst-overload`: 120 requests at once (20% interactive, 80% batch; ~3x what the engine
-  serves within the TTFT target): plain vLLM queues everything; pio serves within its
-  class queue limits and sheds the rest with Retry-After. Reports SLO met per side.
+  serves within the TTFT target): plain vLLM queues everything; pio's SLO admission serves
+  what it predicts meets the SLO and sheds the rest with Retry-After. Reports SLO met per
+  side.
 - `priority-inversion`, `mixed-resolution`: their own modules (calibration, 3 sides).
 - `image-flood`: a Poisson flood of unique low-priority images (up to 1344x1008) with
   interactive requests arriving during it; the first two arrive before the flood (their
   TTFT is the unloaded reference).
+- `router-overhead` (server mode): the overhead workload against one replica directly and
+  through vllm-router (`serve-replicas --replicas 1`). Target: >= 0.97x direct.
 - `smoke`: 10 requests, the CI check that both modes run end to end.
 
 Each side runs in a fresh process with the same engine arguments; results go to
@@ -52,21 +55,32 @@ def overhead(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str
             "workload": {"spec": repr(spec)}}
 
 
+def router_overhead(base: Path, tmp: Path, preset: str | None, quick: bool
+                    ) -> dict[str, Any]:
+    """The overhead workload against one `pio-vllm serve` replica directly and through
+    vllm-router (`serve-replicas --replicas 1`): what the router hop costs (server mode)."""
+    s = overhead(base, tmp, preset, quick)
+    path = s["sides"]["pio"][1]
+    return s | {"sides": {"direct": ("pio", path), "router": ("pio-router", path)},
+                "server_only": True}
+
+
 def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
     slo = Slo(ttft_s=2.0, tpot_s=0.1)
     spec = WorkloadSpec(n=40 if quick else 120, arrival="burst",
                         classes={"interactive": 0.2, "batch": 0.8},
                         images_per_request={0: 0.5, 1: 0.5}, image_sizes={"448x336": 1.0},
                         output_tokens=(64, 64))
+    # Every request has the scenario's SLO, so each class carries it: pio's SLO admission
+    # refuses at once (429 + Retry-After) what it predicts would miss its TTFT target and
+    # lets work into the engine at the rate that keeps the TPOT target. The queue bounds are
+    # the whole burst: the SLO decides, not a hand-sized queue.
+    targets = {"ttft_target_s": slo.ttft_s, "tpot_target_s": slo.tpot_s,
+               "max_queue_wait_s": slo.ttft_s}
     classes = {
-        "interactive": {"level": 0, "max_queue_len": 32, "weight": 4.0,
-                        "max_queue_wait_s": slo.ttft_s},
-        "standard": {"level": 1, "max_queue_len": 64, "weight": 2.0},
-        # Sized to what the engine serves within the TTFT target (~25 req/s x 2 s on the
-        # 2-core CPU with the tiny model, minus the running window): beyond it a request
-        # would miss its target anyway, so it gets a 429 with Retry-After at once.
-        "batch": {"level": 2, "max_queue_len": 40, "weight": 1.0,
-                  "max_queue_wait_s": slo.ttft_s},
+        "interactive": {"level": 0, "max_queue_len": 128, "weight": 4.0, **targets},
+        "standard": {"level": 1, "max_queue_len": 128, "weight": 2.0, **targets},
+        "batch": {"level": 2, "max_queue_len": 128, "weight": 1.0, **targets},
     }
     path = _derive(base, tmp / "burst.yaml", preset, priority_classes=classes)
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
@@ -118,7 +132,7 @@ def smoke(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, A
 
 GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
     "overhead": overhead, "burst-overload": burst_overload, "image-flood": image_flood,
-    "smoke": smoke}
+    "router-overhead": router_overhead, "smoke": smoke}
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
                "mixed-resolution": "benchmarks.mixed_resolution"}
 
@@ -149,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path(f"benchmarks/results/{a.scenario}-{a.mode}-{_device_tag()}.json")
     with tempfile.TemporaryDirectory() as tmp:
         s = GENERIC[a.scenario](a.config, Path(tmp), a.preset, a.quick)
+        if s.get("server_only") and a.mode != "server":
+            ap.error(f"{a.scenario} runs in server mode only (--mode server)")
         runs = run_ab(s["sides"], s["work"], mode=a.mode, slo=s["slo"],
                       concurrency=s["concurrency"], repeats=a.repeats)
         report(a.scenario, runs, mode=a.mode, config=str(a.config), out=out,

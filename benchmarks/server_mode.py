@@ -31,6 +31,8 @@ from benchmarks.harness import (
     derive_config,
     make_images,
     summarise,
+    warm_up,
+    warmup_work,
 )
 
 
@@ -68,7 +70,7 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
     settings = PioSettings.load(settings_path)
     port = free_port()
     env = {**os.environ, **settings.vllm_env}
-    if kind == "pio":
+    if kind in ("pio", "pio-router"):
         # The benchmark client is trusted to name any class (no API keys are configured):
         # lift server.priority_ceiling to the highest class, as an operator would for it.
         top = min(settings.priority_classes.items(), key=lambda kv: kv[1].level)[0]
@@ -76,7 +78,19 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
                                 server={**settings.server.model_dump(mode="json",
                                                                      exclude={"api_keys"}),
                                         "priority_ceiling": top})
-        cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", str(trusted)]
+        if kind == "pio":
+            cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", str(trusted)]
+        else:
+            # one replica behind vllm-router (power_of_two, what serve-replicas runs by
+            # default): the router's own cost, against "pio" going direct
+            log_dir = log_path.with_suffix("")
+            log_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pio_vllm", "serve-replicas", "--replicas", "1",
+                   "--config", str(trusted), "--log-dir", str(log_dir), "--port", str(port)]
+            log = log_path.open("wb")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            return proc, _wait_healthy(proc, kind, f"http://127.0.0.1:{port}", log_path,
+                                       also=f"http://127.0.0.1:{port + 1}")
     else:
         model = resolve_model(settings)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
@@ -86,18 +100,26 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    return proc, _wait_healthy(proc, kind, f"http://127.0.0.1:{port}", log_path)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], kind: str, base: str, log_path: Path,
+                  also: str | None = None) -> str:
+    """`base` once /health answers 200 there (and at `also`: the replica behind a router)."""
     import httpx
+
+    def ok(url: str) -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} server exited {proc.returncode}; log: {log_path}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
+        if ok(base) and (also is None or ok(also)):
+            return base
         time.sleep(1)
     proc.kill()
     raise RuntimeError(f"{kind} server not healthy in 300 s; log: {log_path}")
@@ -124,12 +146,16 @@ def _data_urls(images: list[Any]) -> list[str]:
 
 async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                  slo: Slo | None, concurrency: int | None,
-                 headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """Replay `work` against a running server; `headers` go with every request (an API
-    key, for instance)."""
+                 headers: dict[str, str] | None = None, wait_for_model: bool = True
+                 ) -> dict[str, Any]:
+    """Replay `work` against a running server after the shared warm-up; `headers` go with
+    every request (an API key, for instance); `wait_for_model`: give pio's SLO admission up
+    to 15 s after the warm-up to fit its step model (a config without SLO targets has none
+    to wait for)."""
     import httpx
 
-    images = {rid: _data_urls(imgs) for rid, imgs in make_images(work).items()}
+    images = {rid: _data_urls(imgs)
+              for rid, imgs in make_images(work + warmup_work(work)).items()}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits,
                                  headers=headers) as client:
@@ -142,7 +168,7 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                 "max_tokens": req.max_tokens, "ignore_eos": True, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
             headers = {}
-            if kind == "pio":
+            if kind in ("pio", "pio-router"):
                 headers["X-Priority"] = req.priority_class
             else:
                 body["priority"] = req.level
@@ -182,34 +208,42 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                        tpot_s=_tpot(row["first_at"], done, row["output_tokens"]))
             return row
 
-        # One warm-up request per side (the in-process harness does the same): the first
-        # request on a fresh server pays one-time costs the scenario does not measure. Its
-        # image is not one of the workload's, so no cache is primed for the measured run.
-        warm_image = make_images([BenchRequest("warm", "standard", 1, "", 4, 0.0,
-                                               ((64, 64, 12345),))])["warm"]
-        warm = await client.post("/v1/chat/completions", json={
-            "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": _data_urls(warm_image)[0]}},
-                {"type": "text", "text": "warm up"}]}]})
-        warm.raise_for_status()
+        await warm_up(work, submit)  # the same warm-up as in-process (harness.warmup_work)
+        if kind == "pio" and wait_for_model:
+            await _model_fitted(client)
+        metrics_before = (await client.get("/metrics")).text
         rows, wall = await _replay(work, submit, concurrency)
         metrics = (await client.get("/metrics")).text
     result = summarise(rows, wall, slo) | {"rows": rows}
     result["shed_429"] = sum(1 for r in rows if str(r["error"]).startswith("HTTP 429"))
     # Preemptions are not visible per request over HTTP: the server's counters say.
-    result["preemptions"] = _counter(metrics, "pio_admission_events_total",
-                                     'event="preempted"')
-    result["engine_preemptions"] = _counter(metrics, "vllm:num_preemptions_total")
+    def during(name: str, label: str = "") -> float:
+        """A counter's increase over the run (a series not yet exported counts 0)."""
+        return (_counter(metrics, name, label) or 0.0) - (
+            _counter(metrics_before, name, label) or 0.0)
+
+    result["preemptions"] = during("pio_admission_events_total", 'event="preempted"')
+    result["engine_preemptions"] = during("vllm:num_preemptions_total")
     if kind == "pio":
         result["admission_events"] = {
-            event: int(_counter(metrics, "pio_admission_events_total", f'event="{event}"')
-                       or 0)
+            event: int(during("pio_admission_events_total", f'event="{event}"'))
             for event in ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")}
         result["step_model"] = {
             name: _counter(metrics, f"pio_step_model_{name}")
             for name in ("base_seconds", "seconds_per_token", "seconds_per_vision_token",
                          "r2")}
     return result
+
+
+async def _model_fitted(client: Any, timeout_s: float = 15.0) -> None:
+    """Wait (bounded) until pio exports a fitted step-time model (SLO admission prices with
+    it); a config without SLO targets never does, so this only delays such a run."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r2 = _counter((await client.get("/metrics")).text, "pio_step_model_r2")
+        if r2:
+            return
+        await asyncio.sleep(0.5)
 
 
 def _counter(text: str, name: str, label: str = "") -> float | None:

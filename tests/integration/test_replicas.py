@@ -177,7 +177,7 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
     shed_before = shed()
     with httpx.Client(timeout=120) as c:
         streams = [c.stream("POST", full + "/v1/chat/completions", headers=batch,
-                            json={**chat(f"fill {i}", 3000), "stream": True,
+                            json={**chat(f"fill {i}", 4000), "stream": True,
                                   "ignore_eos": True}) for i in range(4)]
         opened = [s.__enter__() for s in streams]
         # keep each line iterator: a dropped one closes its response (httpx closes the
@@ -189,16 +189,20 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
             for it in lines[:2]:
                 next(it)  # the two running ones stream
             queued.start()
-            loads: list[int] = []
+            loads: list[tuple[int, float]] = []  # (load, seconds the read took)
 
             def full_load() -> bool:
-                loads.append(httpx.get(full + "/get_load", timeout=5).json()["load"])
-                return loads[-1] == 5
+                t = time.monotonic()
+                load = httpx.get(full + "/get_load", timeout=30).json()["load"]
+                loads.append((load, round(time.monotonic() - t, 2)))
+                return load == 5
 
             try:
                 wait_for(full_load, 30, "replica 0 full: 4 admitted, 1 queued")
             except AssertionError as e:
-                raise AssertionError(f"{e}; last loads read {loads[-10:]}") from None
+                events = [line for line in httpx.get(full + "/metrics", timeout=30).text
+                          .splitlines() if line.startswith("pio_admission_events_total")]
+                raise AssertionError(f"{e}; last loads read {loads[-10:]}; {events}") from None
             codes = [httpx.post(replica_set.router + "/v1/chat/completions", json=chat("x"),
                                 headers=batch, timeout=120).status_code for _ in range(4)]
         finally:
