@@ -39,6 +39,13 @@ def _quiet_vllm(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # PIO_LOG_LEVEL=DEBUG: pio's own loggers only (per-request stage times, for instance)
+    level = os.environ.get("PIO_LOG_LEVEL")
+    if level:
+        if level.upper() not in logging.getLevelNamesMapping():
+            raise SystemExit(f"PIO_LOG_LEVEL={level!r} is not a log level; accepted: DEBUG, "
+                             "INFO, WARNING, ERROR")
+        logging.getLogger("pio_vllm").setLevel(level.upper())
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:

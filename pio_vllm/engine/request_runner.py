@@ -89,6 +89,9 @@ class RequestRunner:
                 trace.finished_at = self._clock()
             if admission is not None and ticket is not None:
                 admission.release(ticket, release)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("request %s (%s) %s: %s", trace.request_id, trace.class_name,
+                             release.value, stage_times(trace, ticket))
 
     async def _prepare(self, trace: RequestTrace,
                        prepare: Callable[[], Awaitable[Submission]]) -> Submission:
@@ -177,3 +180,22 @@ class RequestRunner:
         if trace.submitted_at is not None:
             self._spawn(self._backend.abort(trace.request_id),
                         f"pio-abort-{trace.request_id}")
+
+
+def stage_times(trace: RequestTrace, ticket: Ticket | None) -> str:
+    """Where a request's time went, in ms from its arrival at pio (the server's gate, or
+    generate()): queued in pio, rendered and images loaded (by vLLM's serving layer behind
+    the gate, by pio's intake in-process), to vLLM, then to the first token inside vLLM."""
+    start = ticket.arrival_at if ticket is not None else trace.arrival_at
+    granted = ticket.granted_at if ticket is not None and ticket.granted_at is not None \
+        else trace.granted_at
+    marks = [("queued", granted), ("rendered", trace.prepared_at),
+             ("submitted", trace.submitted_at), ("first token", trace.first_token_at),
+             ("finished", trace.finished_at)]
+    parts, last = [], start
+    for name, at in marks:
+        if at is None or last is None:
+            break
+        parts.append(f"{name} +{(at - last) * 1000:.1f}")
+        last = at
+    return ", ".join(parts) or "no stage reached"
