@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         config = str(scenario_config(a.config, Path(tmp_dir) / "mixed.yaml"))
+        env = environment(config)  # reads the derived config: before it is deleted
         rng = random.Random(a.seed + 1000)
         calibration = mixed_requests([0.0] * 64, rng)
         print(f"calibrating capacity on plain vLLM ({a.mode}, burst of 64) ...", flush=True)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"requests_per_load": a.n, "loads": loads,
                      "mix": "1/4 text, 1/4 each one unique 224x224 / 640x480 / 1344x1008 "
                             "image; 32-128 output tokens; Poisson arrivals"},
-        "environment": environment(config), "rows": rows,
+        "environment": env, "rows": rows,
         "ratios": [{
             "load": load,
             "goodput": ratio(by[(load, "pio")]["goodput_req_per_s"],

@@ -146,7 +146,7 @@ async def run_server(args: Any, settings: PioSettings) -> None:
     images = gate_image_loader(settings)
     setattr(app.state, APP_STATE_KEY, RequestGate(
         engine=engine, settings=settings, images=images, root_path=args.root_path or "",
-        draining=lambda: client.draining))
+        draining=lambda: client.draining, registry=prometheus_client.REGISTRY))
     install_error_handler(app)
     log_routes(app, settings)
     await init_app_state(client, app.state, args, supported_tasks)

@@ -142,8 +142,12 @@ class RequestGate:
     `draining()` is true (SIGTERM), new requests get 503."""
 
     def __init__(self, *, engine: PioEngine, settings: PioSettings, images: ImageLoader,
-                 root_path: str = "", draining: Callable[[], bool] = lambda: False) -> None:
+                 root_path: str = "", draining: Callable[[], bool] = lambda: False,
+                 registry: Any | None = None) -> None:
+        """`registry`: where `pio_requests_total{tenant, priority_class, status}` goes (the
+        server's Prometheus registry); None: not exported."""
         self._draining = draining
+        self._requests = None if registry is None else _request_counter(registry)
         self._engine = engine
         self._settings = settings
         self._server = settings.server
@@ -169,6 +173,16 @@ class RequestGate:
         if policy is RoutePolicy.OPEN:
             await app(scope, receive, send)
             return
+        outcome = _Outcome()
+        try:
+            await self._serve_gated(scope, receive, _recording_status(send, outcome), app,
+                                    policy, method, path, outcome)
+        finally:
+            self._count(method, path, outcome)
+
+    async def _serve_gated(self, scope: Scope, receive: Receive, send: Send, app: Any,
+                           policy: RoutePolicy, method: str, path: str,
+                           outcome: _Outcome) -> None:
         served: ServedRequest | None = None
         try:
             if policy is RoutePolicy.OFF:
@@ -177,6 +191,7 @@ class RequestGate:
                     "/v1/completions, /v1/responses, /v1/messages, GET /v1/models, /health, "
                     "/metrics, /version (an operator may add routes with server.extra_routes)")
             tenant, key_class = self._authenticate(scope)
+            outcome.tenant = tenant or ANONYMOUS
             if self._draining():
                 raise EngineNotRunningError("the server is shutting down; retry elsewhere")
             if policy is RoutePolicy.KEY_ONLY or method in ("GET", "HEAD", "WEBSOCKET"):
@@ -210,8 +225,11 @@ class RequestGate:
                 self._release_unused(served)
             param = "priority" if isinstance(
                 e, UnknownPriorityError | PriorityNotAllowedError) else None
+            if served is not None:
+                outcome.priority_class = served.class_name
             await _refuse(scope, receive, send, e, param)
             return
+        outcome.priority_class = served.class_name
         token = current_request.set(served)
         if served.predicted_ttft_s is not None:
             send = _with_header(send, PREDICTED_TTFT_HEADER, f"{served.predicted_ttft_s:.4f}")
@@ -221,6 +239,15 @@ class RequestGate:
             current_request.reset(token)
             # vLLM refused the request before it reached the engine (a 400 of its own)
             self._release_unused(served)
+
+    def _count(self, method: str, path: str, outcome: _Outcome) -> None:
+        """The request's line in the debug log and its count per tenant (a configured
+        tenant, `anonymous` without a key, `-` when authentication failed)."""
+        logger.debug("%s %s tenant=%s class=%s status=%d", method, path, outcome.tenant,
+                     outcome.priority_class, outcome.status)
+        if self._requests is not None:
+            self._requests.labels(tenant=outcome.tenant, priority_class=outcome.priority_class,
+                                  status=str(outcome.status)).inc()
 
     def _pio_route(self, path: str) -> JSONResponse:
         """pio's own open routes: /get_load (vllm-router's power_of_two reads `load`) and
@@ -458,6 +485,35 @@ def _depth(node: Any, limit: int) -> int:
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
     return deepest
+
+
+ANONYMOUS = "anonymous"  # the tenant label of requests without an API key
+
+
+@dataclass
+class _Outcome:
+    """Who sent a gated request, at which class, and the status it got (for the count)."""
+
+    tenant: str = "-"
+    priority_class: str = "-"
+    status: int = 0  # 0: no response started (the client left)
+
+
+def _recording_status(send: Send, outcome: _Outcome) -> Send:
+    async def wrapped(message: Any) -> None:
+        if message.get("type") == "http.response.start":
+            outcome.status = int(message.get("status", 0))
+        await send(message)
+
+    return wrapped
+
+
+def _request_counter(registry: Any) -> Any:
+    from prometheus_client import Counter
+
+    return Counter("pio_requests", "Requests through pio's gate per tenant (API key), class "
+                   "and HTTP status", ["tenant", "priority_class", "status"],
+                   registry=registry)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: PioError,

@@ -248,9 +248,15 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
     codes = [httpx.post(replica_set.router + "/v1/chat/completions", json=chat(f"after {i}"),
                         headers=KEY, timeout=60).status_code for i in range(4)]
     assert codes == [200] * 4, codes  # new requests go to the survivor
+    served_at = time.monotonic() - killed_at
     # the supervisor starts the replica again; the router's health check readmits it
     wait_for(lambda: healthy(victim), 600, "replica 1 restarted")
+    healthy_at = time.monotonic() - killed_at
     before = completed(victim)
     wait_for(lambda: httpx.post(replica_set.router + "/v1/chat/completions", json=chat("back"),
                                 headers=KEY, timeout=60).status_code == 200
              and completed(victim) > before, 60, "replica 1 readmitted by the router")
+    print(f"failure timeline (s after SIGKILL): killed stream ended {min(ended):.2f}; 4 new "
+          f"requests served by the survivor by {served_at:.1f}; replica 1 healthy again "
+          f"{healthy_at:.1f}; served through the router again "
+          f"{time.monotonic() - killed_at:.1f}")

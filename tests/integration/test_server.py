@@ -65,6 +65,9 @@ async def test_models_health_and_metrics(server: Server) -> None:
     text = scrape(server)
     assert "vllm:num_requests_running" in text  # vLLM's metrics ...
     assert "pio_running_requests" in text  # ... and pio's, on one endpoint
+    # the API key's tenant labels pio's request count (key-plain is tenant gamma)
+    assert metric(text, "pio_requests_total", tenant="gamma", priority_class="standard",
+                  status="200") >= 1
 
 
 async def test_chat_with_data_url_image_streaming_and_not(server: Server) -> None:
@@ -142,6 +145,8 @@ async def test_api_keys(server: Server) -> None:
         assert r.status_code == 401, r.text
         assert r.json()["error"]["code"] == 401
     assert httpx.get(server.base_url + "/v1/models").status_code == 401
+    # refused before any key matched: counted under tenant "-"
+    assert metric(scrape(server), "pio_requests_total", tenant="-", status="401") >= 3
     for path in ("/health", "/version", "/metrics"):  # probes and scrapers need no key
         assert httpx.get(server.base_url + path).status_code == 200, path
 
