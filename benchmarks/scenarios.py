@@ -58,7 +58,8 @@ def overhead(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str
 def router_overhead(base: Path, tmp: Path, preset: str | None, quick: bool
                     ) -> dict[str, Any]:
     """The overhead workload against one `pio-vllm serve` replica directly and through
-    vllm-router (`serve-replicas --replicas 1`): what the router hop costs (server mode)."""
+    vllm-router (`serve-replicas --replicas 1`, round_robin: vllm-router's power_of_two
+    needs two workers): what the router hop costs (server mode)."""
     s = overhead(base, tmp, preset, quick)
     path = s["sides"]["pio"][1]
     return s | {"sides": {"direct": ("pio", path), "router": ("pio-router", path)},

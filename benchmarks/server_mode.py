@@ -81,12 +81,13 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
         if kind == "pio":
             cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", str(trusted)]
         else:
-            # one replica behind vllm-router (power_of_two, what serve-replicas runs by
-            # default): the router's own cost, against "pio" going direct
+            # one replica behind vllm-router: the router hop's cost, against "pio" going
+            # direct
             log_dir = log_path.with_suffix("")
             log_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "pio_vllm", "serve-replicas", "--replicas", "1",
-                   "--config", str(trusted), "--log-dir", str(log_dir), "--port", str(port)]
+                   "--config", str(trusted), "--log-dir", str(log_dir), "--port", str(port),
+                   "--policy", "round_robin"]  # power_of_two needs two workers
             log = log_path.open("wb")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             return proc, _wait_healthy(proc, kind, f"http://127.0.0.1:{port}", log_path,

@@ -56,8 +56,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host", default="127.0.0.1", help="where the router listens")
     parser.add_argument("--port", type=int, default=8000, help="the router's port; replica i "
                         "listens on 127.0.0.1 at port + 1 + i")
-    parser.add_argument("--policy", default="power_of_two", choices=POLICIES,
-                        help="vllm-router's routing policy")
+    parser.add_argument("--policy", default=None, choices=POLICIES,
+                        help="vllm-router's routing policy (default: power_of_two; "
+                        "round_robin for one replica, which power_of_two does not accept)")
     parser.add_argument("--router-arg", action="append", default=[],
                         help="one more argument for vllm-router (repeatable), e.g. "
                         "--router-arg=--retry-max-retries=3")
@@ -68,6 +69,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, rest = parser.parse_known_args(argv)
     if args.replicas < 1:
         raise ConfigError(f"--replicas {args.replicas}: accepted: 1 or more")
+    if args.policy is None:
+        args.policy = "power_of_two" if args.replicas >= 2 else "round_robin"
+    elif args.policy == "power_of_two" and args.replicas < 2:
+        # vllm-router refuses it at start: "Power-of-two policy requires at least 2 workers"
+        raise ConfigError("--policy power_of_two needs --replicas 2 or more (vllm-router "
+                          "refuses it with one worker); accepted for one replica: "
+                          + ", ".join(p for p in POLICIES if p != "power_of_two"))
     for flag in ("--port", "--host"):
         if flag in rest:
             raise ConfigError(f"{flag} is the router's; replicas listen on --port + 1 + i")

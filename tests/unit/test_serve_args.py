@@ -29,3 +29,15 @@ def test_model_tag_overrides_config_model(tmp_path: Path) -> None:
 def test_several_api_servers_are_refused() -> None:
     with pytest.raises(ConfigError, match="api-server-count 2"):
         parse_args(["--config", str(TINY_CONFIG), "--api-server-count", "2"], None)
+
+
+def test_serve_replicas_policy_fits_the_replica_count() -> None:
+    from pio_vllm.server.replicas import parse_args as replica_args
+
+    args, rest = replica_args(["--replicas", "1", "--config", "x.yaml", "--max-num-seqs", "4"])
+    assert args.policy == "round_robin" and rest == ["--config", "x.yaml", "--max-num-seqs", "4"]
+    assert replica_args(["--replicas", "2"])[0].policy == "power_of_two"
+    with pytest.raises(ConfigError, match="power_of_two needs --replicas 2"):
+        replica_args(["--replicas", "1", "--policy", "power_of_two"])
+    with pytest.raises(ConfigError, match="--port is the router's"):
+        replica_args(["--replicas", "2", "--", "--port", "9"])
