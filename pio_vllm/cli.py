@@ -40,12 +40,14 @@ def _quiet_vllm(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # PIO_LOG_LEVEL=DEBUG: pio's own loggers only (per-request stage times, for instance)
-    level = os.environ.get("PIO_LOG_LEVEL")
-    if level:
-        if level.upper() not in logging.getLevelNamesMapping():
-            raise SystemExit(f"PIO_LOG_LEVEL={level!r} is not a log level; accepted: DEBUG, "
-                             "INFO, WARNING, ERROR")
-        logging.getLogger("pio_vllm").setLevel(level.upper())
+    if os.environ.get("PIO_LOG_LEVEL"):
+        from pio_vllm.errors import ConfigError
+        from pio_vllm.settings import pio_log_level
+
+        try:
+            logging.getLogger("pio_vllm").setLevel(pio_log_level())
+        except ConfigError as e:
+            raise SystemExit(f"pio-vllm: error: {e}") from None
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:

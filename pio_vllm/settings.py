@@ -589,3 +589,17 @@ def explain(settings: PioSettings, config_path: str | Path | None = None,
 
     walk(settings, ())
     return lines
+
+
+def pio_log_level(default: str = "WARNING") -> int:
+    """The level of pio's own loggers: `$PIO_LOG_LEVEL` (DEBUG logs each request's stage
+    times), else `default`."""
+    import logging
+    import os
+
+    name = os.environ.get("PIO_LOG_LEVEL", default).upper()
+    levels = logging.getLevelNamesMapping()
+    if name not in levels:
+        raise ConfigError(f"PIO_LOG_LEVEL={name!r} is not a log level; accepted: DEBUG, INFO, "
+                          "WARNING, ERROR")
+    return levels[name]

@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from pio_vllm.errors import ConfigError
-from pio_vllm.settings import PioSettings
+from pio_vllm.settings import PioSettings, pio_log_level
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def main(argv: list[str], default_config: str | None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pio_logger = logging.getLogger("pio_vllm")
     pio_logger.addHandler(handler)
-    pio_logger.setLevel(logging.INFO)
+    pio_logger.setLevel(pio_log_level(default="INFO"))
     pio_logger.propagate = False
     args, settings = parse_args(argv, default_config)
     uvloop.run(run_server(args, settings))

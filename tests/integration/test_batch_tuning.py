@@ -84,6 +84,9 @@ async def test_runtime_cap_bounds_running_requests(tuned: Tuned) -> None:
     tuned_engine, loop = tuned.engine, tuned.loop
     assert tuned_engine.admission is not None
     await loop.aclose()  # hold the limits still: no tuner decisions during this test
+    # and no SLO rationing: the running-set cap it derives from the step model would bound
+    # what pio lets into vLLM below the 5 this test raises the scheduler's cap to
+    tuned_engine.admission.set_work_model(None)
     backend = tuned_engine.backend
     tuned_engine.admission.set_capacity(10)  # pio lets all 8 into vLLM ...
     await backend.batch_limits(2, None, None)  # ... the scheduler runs at most 2
@@ -108,6 +111,7 @@ async def test_encoder_budget_encodes_one_image_per_step(tuned: Tuned) -> None:
     backend = tuned_engine.backend
     assert tuned_engine.admission is not None
     await tuned.loop.aclose()
+    tuned_engine.admission.set_work_model(None)  # no SLO rationing (see above)
     tuned_engine.admission.set_capacity(10)
     sizes = [(320 + 32 * i, 240) for i in range(6)]
     largest = max(vision_tokens(w, h, backend.geometry) for w, h in sizes)

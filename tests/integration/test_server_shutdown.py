@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 def test_sigterm_drains_then_exits_0(server: Server) -> None:
     """Stops the shared server (a later user of the `server` fixture gets a new one)."""
     c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="key-plain", max_retries=0)
-    short = c.completions.create(model=MODEL, prompt="a", max_tokens=300, stream=True,
+    short = c.completions.create(model=MODEL, prompt="a", max_tokens=60, stream=True,
                                  extra_body={"ignore_eos": True})
     long = c.completions.create(model=MODEL, prompt="b", max_tokens=4000, stream=True,
                                 extra_body={"ignore_eos": True})
