@@ -97,3 +97,12 @@ def server_slot(tmp_path_factory: pytest.TempPathFactory,
 def server(server_slot: _ServerSlot) -> Server:
     """The shared `pio-vllm serve` process (see server_helpers.shared_server_config)."""
     return server_slot.get()
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """The replica tests first: two engines and a router on two cores are timing-sensitive,
+    so they run before the session engine and the shared server exist (module-scoped, they
+    are gone before the next module starts)."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith(
+        "tests/integration/test_replicas.py") else 1)

@@ -151,7 +151,7 @@ def test_get_load_counts_what_a_replica_holds(replica_set: ReplicaSet) -> None:
     assert httpx.get(url + "/ready", timeout=10).json() == {"ready": True}
     with httpx.Client(timeout=60) as c, c.stream(
             "POST", url + "/v1/chat/completions", headers=KEY,
-            json={**chat("long", 2000), "stream": True, "ignore_eos": True}) as stream:
+            json={**chat("long", 4000), "stream": True, "ignore_eos": True}) as stream:
         assert stream.status_code == 200
         lines = stream.iter_lines()
         first = next(line for line in lines if line)
