@@ -22,6 +22,8 @@ from typing import Any
 
 from pio_vllm.admission.metrics import percentile
 
+# pio's admission event counters a side reports (over the run, the warm-up subtracted)
+ADMISSION_EVENTS = ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -272,7 +274,7 @@ def _event_counts(stats: Any) -> dict[str, int]:
         return {}
     classes = stats.admission.classes.values()
     return {name: sum(getattr(c, name) for c in classes)
-            for name in ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")}
+            for name in ADMISSION_EVENTS}
 
 
 async def run_pio(settings_path: str, work: list[BenchRequest],

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
+    ADMISSION_EVENTS,
     BenchRequest,
     Slo,
     _replay,
@@ -70,6 +71,8 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
     settings = PioSettings.load(settings_path)
     port = free_port()
     env = {**os.environ, **settings.vllm_env}
+    also: str | None = None
+    listen = ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
     if kind in ("pio", "pio-router"):
         # The benchmark client is trusted to name any class (no API keys are configured):
         # lift server.priority_ceiling to the highest class, as an operator would for it.
@@ -79,29 +82,25 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
                                                                      exclude={"api_keys"}),
                                         "priority_ceiling": top})
         if kind == "pio":
-            cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", str(trusted)]
+            cmd = [sys.executable, "-m", "pio_vllm", "serve", "--config", str(trusted), *listen]
         else:
             # one replica behind vllm-router: the router hop's cost, against "pio" going
-            # direct
+            # direct; healthy once the replica (port + 1) answers too
             log_dir = log_path.with_suffix("")
             log_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "pio_vllm", "serve-replicas", "--replicas", "1",
                    "--config", str(trusted), "--log-dir", str(log_dir), "--port", str(port),
                    "--policy", "round_robin"]  # power_of_two needs two workers
-            log = log_path.open("wb")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            return proc, _wait_healthy(proc, kind, f"http://127.0.0.1:{port}", log_path,
-                                       also=f"http://127.0.0.1:{port + 1}")
+            also = f"http://127.0.0.1:{port + 1}"
     else:
         model = resolve_model(settings)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--served-model-name", settings.model,
                *engine_flags({k: v for k, v in settings.engine.items()
-                              if k != "scheduler_cls"})]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+                              if k != "scheduler_cls"}), *listen]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc, _wait_healthy(proc, kind, f"http://127.0.0.1:{port}", log_path)
+    return proc, _wait_healthy(proc, kind, f"http://127.0.0.1:{port}", log_path, also)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], kind: str, base: str, log_path: Path,
@@ -228,7 +227,7 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
     if kind == "pio":
         result["admission_events"] = {
             event: int(during("pio_admission_events_total", f'event="{event}"'))
-            for event in ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")}
+            for event in ADMISSION_EVENTS}
         result["step_model"] = {
             name: _counter(metrics, f"pio_step_model_{name}")
             for name in ("base_seconds", "seconds_per_token", "seconds_per_vision_token",
