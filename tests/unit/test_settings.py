@@ -83,3 +83,17 @@ def test_unknown_vllm_engine_argument_is_a_config_error() -> None:
     s = PioSettings.load(TINY_CONFIG, engine={"model": "pio:tiny", "max_num_seqz": 4})
     with pytest.raises(ConfigError, match="max_num_seqz"):
         build_engine_args(s, "/tmp/model")
+
+
+def test_pio_log_level_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from pio_vllm.settings import pio_log_level
+
+    monkeypatch.delenv("PIO_LOG_LEVEL", raising=False)
+    assert pio_log_level(default="INFO") == logging.INFO
+    monkeypatch.setenv("PIO_LOG_LEVEL", "debug")
+    assert pio_log_level() == logging.DEBUG
+    monkeypatch.setenv("PIO_LOG_LEVEL", "loud")
+    with pytest.raises(ConfigError, match="PIO_LOG_LEVEL='LOUD' is not a log level; accepted"):
+        pio_log_level()
