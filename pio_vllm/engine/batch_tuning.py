@@ -52,12 +52,14 @@ class TuningLoop:
             kv_high_watermark=kv_high_watermark,
             token_floor=min(settings.min_step_tokens, backend.max_num_batched_tokens))
         self._task: asyncio.Task[None] | None = None
+        self._paused = False
         self.engine_limits: dict[str, Any] = {}
         self._gauges = _Gauges(registry) if registry is not None else None
 
     def ensure_started(self) -> None:
-        """Start the loop in the running event loop (first request; idempotent)."""
-        if self._task is None:
+        """Start the loop in the running event loop (first request; idempotent; a no-op
+        while paused)."""
+        if self._task is None and not self._paused:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="pio-tuning")
             self._task.add_done_callback(self._done)
 
@@ -68,6 +70,16 @@ class TuningLoop:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def pause(self) -> None:
+        """Stop the loop until `resume`: requests no longer restart it, so nothing reads
+        the scheduler's step samples or changes limits and the work model meanwhile."""
+        self._paused = True
+        await self.aclose()
+
+    def resume(self) -> None:
+        self._paused = False
+        self.ensure_started()
 
     def stats(self) -> TunerStats:
         return self.tuner.stats()

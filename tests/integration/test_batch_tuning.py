@@ -33,7 +33,7 @@ async def tuned(engine: PioEngine) -> AsyncIterator[Tuned]:
     """The session engine with a limit-applying tuning loop instead of its own."""
     own = engine.tuning
     assert own is not None and engine.admission is not None
-    await own.aclose()
+    await own.pause()  # requests would restart a merely closed loop (generate starts it)
     settings = engine.settings.tuning.model_copy(update={
         "enabled": True, "interval_s": 0.1, "min_samples": 16, "tpot_target_s": 0.05})
     admission = engine.settings.admission
@@ -48,7 +48,7 @@ async def tuned(engine: PioEngine) -> AsyncIterator[Tuned]:
         await backend.batch_limits(backend.max_num_seqs, backend.max_num_batched_tokens,
                                    backend.max_num_batched_tokens, 10**9)
         engine.admission.set_capacity(backend.max_num_seqs + admission.lookahead)
-        own.ensure_started()
+        own.resume()
 
 
 def requests(n: int, tokens: int, images: bool = False) -> list[PioRequest]:

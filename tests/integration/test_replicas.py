@@ -156,11 +156,23 @@ def test_get_load_counts_what_a_replica_holds(replica_set: ReplicaSet) -> None:
         lines = stream.iter_lines()
         first = next(line for line in lines if line)
         assert first.startswith("data: {"), first
-        loads = [httpx.get(url + "/get_load", timeout=10).json()["load"] for _ in range(3)]
-        metrics = [line for line in httpx.get(url + "/metrics", timeout=10).text.splitlines()
-                   if line.startswith(("pio_running", "pio_queued", "vllm:num_requests"))]
-        rest = [line[:300] for line, _ in zip(lines, range(4), strict=False)]
-        assert loads[0] == 1, (loads, metrics, rest)
+        loads: list[int] = []
+
+        def held() -> bool:
+            loads.append(httpx.get(url + "/get_load", timeout=10).json()["load"])
+            return loads[-1] == 1
+
+        try:
+            wait_for(held, 10, "get_load reads the streaming request")
+        except AssertionError as e:
+            metrics = [line for line in httpx.get(url + "/metrics", timeout=10).text
+                       .splitlines() if line.startswith(("pio_admission_events_total",
+                                                         "vllm:num_requests"))]
+            tail = [line[:200] for line in lines if line][-3:]  # how the stream ended
+            raise AssertionError(f"{e}: loads {loads}; {metrics}; stream tail {tail}") from None
+        # still streaming after the read: the load was read while the request ran
+        assert next(line for line in lines if line).startswith("data: {")
+    assert loads[-1] == 1 and set(loads) <= {0, 1}, loads
 
 
 def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> None:
