@@ -72,9 +72,10 @@ def _load_settings(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)  # a bad config fails here, before vLLM is imported
+
     from pio_vllm.demo import run_demo
 
-    settings = _load_settings(args)
     return asyncio.run(run_demo(settings, args.batch, args.interactive, args.max_tokens))
 
 
