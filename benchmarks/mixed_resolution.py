@@ -115,7 +115,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "| load | pio / plain goodput | pio / plain throughput | "
               "pio goodput / pio at 1x |", "|---|---|---|---|"]
     for c in doc["ratios"]:
-        lines.append(f"| {c['load']}x | {c['goodput']}x | {c['throughput']}x | "
+        goodput = "- (plain 0)" if c["goodput"] is None else f"{c['goodput']}x"
+        lines.append(f"| {c['load']}x | {goodput} | {c['throughput']}x | "
                      f"{c['pio_over_pio_at_1x']} |")
     return "\n".join(lines)
 
