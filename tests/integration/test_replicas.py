@@ -2,7 +2,8 @@
 (loopback only): requests spread over both, priority headers and API keys pass through, a
 429 from a full replica is retried on the other, and a killed replica fails its in-flight
 requests within seconds while the survivor serves, until the supervisor has restarted it
-and the router readmits it.
+and the router readmits it. Last, an engine death on a replica ends its streams with an error
+and turns its /health to 503 while the router serves from the other one.
 
 The router runs round_robin here so that which replica a request reaches is known; the
 default power_of_two reads each replica's /get_load, checked in test_get_load_*.
@@ -20,8 +21,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
+import psutil
 import pytest
 
 from benchmarks.server_mode import free_port
@@ -76,7 +80,8 @@ def replica_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet
     config = write_config(
         tmp / "replica.yaml",
         engine={"max_num_seqs": 2},
-        vllm_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        # keep-alive: a replica whose engine died stays up answering 503 (the death test)
+        vllm_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"},
         priority_classes={
             "interactive": {"level": 0, "max_queue_len": 8, "weight": 4.0},
             "standard": {"level": 1, "max_queue_len": 8, "weight": 2.0},
@@ -229,15 +234,28 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
         replica_set: ReplicaSet) -> None:
     victim = replica_set.replicas[1]
     ended: list[float] = []
+    def load(url: str) -> int:
+        return int(httpx.get(url + "/get_load", timeout=10).json()["load"])
+
     with httpx.Client(timeout=120) as c:
-        # round robin: of two requests through the router, one lands on each replica
-        streams = [c.stream("POST", replica_set.router + "/v1/chat/completions", headers=KEY,
-                            json={**chat(f"long {i}", 3000), "stream": True,
-                                  "ignore_eos": True}) for i in range(2)]
-        opened = [s.__enter__() for s in streams]
-        lines = [response.iter_lines() for response in opened]  # kept: see the 429 test
-        for it in lines:
+        streams: list[Any] = []
+        lines: list[Iterator[str]] = []  # kept: see the 429 test
+
+        def open_stream() -> None:
+            stream = c.stream("POST", replica_set.router + "/v1/chat/completions",
+                              headers=KEY, json={**chat(f"long {len(streams)}", 3000),
+                                                 "stream": True, "ignore_eos": True})
+            it = stream.__enter__().iter_lines()
+            streams.append(stream)
+            lines.append(it)
             next(it)
+
+        # round robin alternates, but the 429 test's retries move its counter: open streams
+        # through the router until the victim holds one (and the survivor too)
+        while len(streams) < 4 and (len(streams) < 2 or load(victim) == 0):
+            open_stream()
+        held = [load(url) for url in replica_set.replicas]
+        assert held[1] >= 1 and held[0] >= 1, held
         killed_at = time.monotonic()
 
         def drain(it: Iterator[str]) -> None:
@@ -253,7 +271,7 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
         for reader in readers:
             reader.start()
         os.killpg(replica_set.replica_pid(1), signal.SIGKILL)
-        wait_for(lambda: bool(ended), 10, "the killed replica's stream ended")
+        wait_for(lambda: bool(ended), 10, f"the killed replica's stream ended (held {held})")
         for stream in streams:
             stream.__exit__(None, None, None)  # ends the survivor's stream too
     assert len(ended) >= 1 and min(ended) < 10, ended
@@ -272,3 +290,32 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
           f"requests served by the survivor by {served_at:.1f}; replica 1 healthy again "
           f"{healthy_at:.1f}; served through the router again "
           f"{time.monotonic() - killed_at:.1f}")
+
+
+def test_engine_death_ends_streams_and_health_503(replica_set: ReplicaSet) -> None:
+    """Last in the module: replica 0's engine stays dead (its server stays up, as
+    VLLM_KEEP_ALIVE_ON_ENGINE_DEATH asks) until the module's teardown stops the set."""
+    url = replica_set.replicas[0]
+    c = openai.OpenAI(base_url=url + "/v1", api_key="key-plain", max_retries=0)
+    stream = c.completions.create(model=MODEL, prompt="go", max_tokens=3500, stream=True,
+                                  extra_body={"ignore_eos": True})
+    next(iter(stream))
+    server = psutil.Process(replica_set.replica_pid(0))
+    cores = [p for p in server.children(recursive=True)
+             if "EngineCor" in " ".join(p.cmdline()) + p.name()]
+    assert cores, [p.name() for p in server.children(recursive=True)]
+    killed_at = time.monotonic()
+    for p in cores:
+        p.kill()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert time.monotonic() - killed_at < 5.0
+    assert httpx.get(url + "/health", timeout=5).status_code == 503
+    assert httpx.get(url + "/ready", timeout=5).json()["reason"] == "engine dead"
+
+    def router_serves() -> bool:  # once its health check has taken replica 0 out
+        return all(httpx.post(replica_set.router + "/v1/chat/completions", json=chat("on"),
+                              headers=KEY, timeout=60).status_code == 200 for _ in range(4))
+
+    wait_for(router_serves, 60, "the router serves from the live replica only")
