@@ -17,7 +17,8 @@ granted when
   (patches/priority_preemption.py) preempts a lower-priority running request for it;
 - fewer than `max_preparing` requests of level <= L are being prepared (bounded
   preprocessing: a flood's images are rendered a few at a time, and an urgent request is
-  never behind more than that);
+  never behind more than that). The top class is not bounded by it: nothing outranks it,
+  so the bound would only make a burst of urgent requests take turns;
 - vLLM's KV cache usage is under the high watermark, unless the ticket outranks something
   already in vLLM (vLLM frees KV by preempting the lowest priority first).
 
@@ -161,6 +162,7 @@ class AdmissionController:
         self._policy = AdmissionPolicy(aging_s_per_level=settings.aging_s_per_level)
         self._capacity = capacity
         self._max_preparing = settings.max_preparing
+        self._top_level = min((c.level for c in classes.values()), default=0)
         self._clock = clock
         self._keys = itertools.count()
         self._waiting: dict[int, Ticket] = {}
@@ -400,7 +402,7 @@ class AdmissionController:
 
     def _may_grant(self, ticket: Ticket) -> bool:
         slots, preparing = self._past_queue(ticket.level)
-        if preparing >= self._max_preparing:
+        if preparing >= self._max_preparing and ticket.level > self._top_level:
             return False
         if slots and slots + ticket.slots > self._effective_capacity():
             return False
