@@ -190,7 +190,8 @@ class AdmissionSettings(BaseModel):
         description="Most requests being prepared at once (chat template, image fetch and "
         "decode, vLLM's image processor), counted per level like max_in_flight: a flood's "
         "images are processed a few at a time and an urgent request is never behind more. "
-        "The top class is bounded by capacity only (nothing outranks it).",
+        "In the OpenAI server the top class is bounded by capacity only (nothing outranks "
+        "it, and vLLM renders one request at a time anyway).",
     )
     kv_high_watermark: float = Field(
         default=0.95,

@@ -17,8 +17,12 @@ granted when
   (patches/priority_preemption.py) preempts a lower-priority running request for it;
 - fewer than `max_preparing` requests of level <= L are being prepared (bounded
   preprocessing: a flood's images are rendered a few at a time, and an urgent request is
-  never behind more than that). The top class is not bounded by it: nothing outranks it,
-  so the bound would only make a burst of urgent requests take turns;
+  never behind more than that). With `bound_top_class=False` (the OpenAI server, where
+  preparing is vLLM's rendering, one request at a time on its own thread) the top class is
+  bounded by capacity only: nothing outranks it, and taking turns through pio would only
+  add a round trip per request of an urgent burst. In-process, preparing is pio's intake
+  on the decode workers, where a burst prepared at once shares the CPU and every request
+  in it is late, so the bound holds for every class;
 - vLLM's KV cache usage is under the high watermark, unless the ticket outranks something
   already in vLLM (vLLM frees KV by preempting the lowest priority first).
 
@@ -153,7 +157,9 @@ class AdmissionController:
         *,
         clock: Callable[[], float] = time.monotonic,
         registry: Any | None = None,
+        bound_top_class: bool = True,
     ) -> None:
+        """`bound_top_class`: apply `max_preparing` to the top class too (see above)."""
         if capacity < 1:
             raise ValueError(f"admission capacity must be >= 1, got {capacity}")
         self._settings = settings
@@ -162,7 +168,8 @@ class AdmissionController:
         self._policy = AdmissionPolicy(aging_s_per_level=settings.aging_s_per_level)
         self._capacity = capacity
         self._max_preparing = settings.max_preparing
-        self._top_level = min((c.level for c in classes.values()), default=0)
+        self._unbounded_level = None if bound_top_class else min(
+            (c.level for c in classes.values()), default=0)
         self._clock = clock
         self._keys = itertools.count()
         self._waiting: dict[int, Ticket] = {}
@@ -402,7 +409,7 @@ class AdmissionController:
 
     def _may_grant(self, ticket: Ticket) -> bool:
         slots, preparing = self._past_queue(ticket.level)
-        if preparing >= self._max_preparing and ticket.level > self._top_level:
+        if preparing >= self._max_preparing and ticket.level != self._unbounded_level:
             return False
         if slots and slots + ticket.slots > self._effective_capacity():
             return False

@@ -93,13 +93,18 @@ class PioEngine:
         *,
         clock: Callable[[], float] = time.monotonic,
         registry: Any | None = None,
+        vllm_renders: bool = False,
     ) -> None:
-        """`registry`: a prometheus_client registry for pio's metrics (None: a private one)."""
+        """`registry`: a prometheus_client registry for pio's metrics (None: a private one).
+        `vllm_renders`: requests reach pio already rendered by vLLM's serving layer (the
+        OpenAI server): the top class then skips `admission.max_preparing` (see
+        AdmissionController)."""
         from prometheus_client import CollectorRegistry
 
         self._settings = settings
         self._clock = clock
         self._registry = registry if registry is not None else CollectorRegistry()
+        self._vllm_renders = vllm_renders
         self._parts: _Running | None = None
         self._admission: AdmissionController | None = None
         self._tuning: TuningLoop | None = None
@@ -149,6 +154,7 @@ class PioEngine:
                 admission, self._settings.priority_classes,
                 self._settings.default_priority_class, capacity,
                 clock=self._clock, registry=self._registry,
+                bound_top_class=not self._vllm_renders,
             )
             controller = self._admission
             backend.probe.add_listener(

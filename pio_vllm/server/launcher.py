@@ -132,7 +132,7 @@ async def run_server(args: Any, settings: PioSettings) -> None:
     args.model = model_path
     if args.tokenizer is None:
         args.tokenizer = model_path
-    engine = PioEngine(settings, registry=prometheus_client.REGISTRY)
+    engine = PioEngine(settings, registry=prometheus_client.REGISTRY, vllm_renders=True)
     engine.start_blocking(UsageContext.OPENAI_API_SERVER)
     client = PioEngineClient(engine)
     client.bind_loop(asyncio.get_running_loop())

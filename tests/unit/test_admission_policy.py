@@ -140,17 +140,21 @@ async def test_preparing_is_bounded_per_level() -> None:
     assert ctl.stats().preparing == 2 and ctl.stats().in_engine == 2
 
 
-async def test_top_class_is_not_bounded_by_preparing() -> None:
-    """A burst of the top class is prepared at once (nothing outranks it, so taking turns
-    would only delay it); the level below still takes turns behind it."""
-    ctl = controller(capacity=10, max_preparing=2)
-    eng = FakeEngine(ctl)
-    for i in range(5):
-        eng.submit(f"hi{i}", "interactive")
-    eng.submit("s0", "standard")
-    await settle()
-    assert eng.granted == [f"hi{i}" for i in range(5)]
-    assert ctl.stats().preparing == 5
+async def test_unbounded_top_class_prepares_a_burst_at_once() -> None:
+    """bound_top_class=False (the server, where vLLM renders one request at a time): a burst
+    of the top class is prepared at once; the level below still takes turns behind it.
+    With the default, the top class takes turns like the others."""
+    for bound, expected in ((False, 5), (True, 2)):
+        settings = AdmissionSettings(max_preparing=2)
+        ctl = AdmissionController(settings, CLASSES, "standard", 10, clock=FakeClock(),
+                                  bound_top_class=bound)
+        eng = FakeEngine(ctl)
+        for i in range(5):
+            eng.submit(f"hi{i}", "interactive")
+        eng.submit("s0", "standard")
+        await settle()
+        assert eng.granted == [f"hi{i}" for i in range(expected)]
+        assert ctl.stats().preparing == expected
 
 
 async def test_n_counts_as_sequences() -> None:
