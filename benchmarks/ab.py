@@ -19,6 +19,7 @@ from benchmarks.harness import (
     Slo,
     environment,
     ratio,
+    ratio_text,
     run_side_subprocess,
     write_workload,
 )
@@ -120,7 +121,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_or_dash(r.get('goodput_req_per_s'))} | {shed} | "
                 f"{_ms(r.get('pio_intake_p50_s'))} |")
         for name, c in doc["ratios"][i].items():
-            goodput = "-" if c["goodput"] is None else f"{c['goodput']}x"
-            lines.append(f"| {i} | {name} / {next(iter(run))} | | {c['throughput']}x | | | | | "
-                         f"| {goodput} | | |")
+            lines.append(f"| {i} | {name} / {next(iter(run))} | | "
+                         f"{ratio_text(c['throughput'])} | | | | | "
+                         f"| {ratio_text(c['goodput'])} | | |")
     return "\n".join(lines)

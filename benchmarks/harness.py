@@ -428,6 +428,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def ratio_text(r: float | None, undefined: str = "-") -> str:
+    """A ratio for a table ("1.25x"); `undefined` where `ratio` had none (a zero base)."""
+    return undefined if r is None else f"{r}x"
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser(description="run one side of an A/B benchmark")
     ap.add_argument("--side", choices=["plain", "pio"], required=True)

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ab import run_ab
-from benchmarks.harness import BenchRequest, Slo, derive_config, environment, ratio
+from benchmarks.harness import (
+    BenchRequest,
+    Slo,
+    derive_config,
+    environment,
+    ratio,
+    ratio_text,
+)
 from benchmarks.plots import plot_runs
 
 WORDS = ("the", "red", "car", "blue", "sky", "cat", "dog", "tree", "house", "street", "light")
@@ -115,8 +122,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "| load | pio / plain goodput | pio / plain throughput | "
               "pio goodput / pio at 1x |", "|---|---|---|---|"]
     for c in doc["ratios"]:
-        goodput = "- (plain 0)" if c["goodput"] is None else f"{c['goodput']}x"
-        lines.append(f"| {c['load']}x | {goodput} | {c['throughput']}x | "
+        lines.append(f"| {c['load']}x | {ratio_text(c['goodput'], '- (plain 0)')} | "
+                     f"{ratio_text(c['throughput'])} | "
                      f"{c['pio_over_pio_at_1x']} |")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ab import report, run_ab
-from benchmarks.harness import BenchRequest, derive_config, ratio
+from benchmarks.harness import BenchRequest, derive_config, ratio, ratio_text
 from pio_vllm.admission.metrics import percentile
 
 WORDS = ("the", "red", "car", "blue", "sky", "cat", "dog", "tree", "house", "street", "light",
@@ -107,10 +107,6 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _x(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio}x"
-
-
 def markdown(all_checks: list[dict[str, Any]]) -> str:
     lines = ["| run | side | urgent TTFT p50 / p99 (s) | unloaded TTFT max (s) | "
              "low TTFT p50 (s) | out tok/s | preemptions |", "|---|---|---|---|---|---|---|"]
@@ -121,10 +117,11 @@ def markdown(all_checks: list[dict[str, Any]]) -> str:
                          f"{s['unloaded_ttft_max_s']} | {s['low_ttft_p50_s']} | "
                          f"{s['output_tok_per_s']} | {s['preemptions']} |")
         r = c["ratios"]
-        lines.append(f"| {i} | ratios | p99 plain/pio {_x(r['high_ttft_p99_plain_over_pio'])}, "
-                     f"p50 {_x(r['high_ttft_p50_plain_over_pio'])} | pio p99/unloaded "
-                     f"{_x(r['pio_high_ttft_p99_over_unloaded'])} | | pio/plain "
-                     f"{_x(r['throughput_pio_over_plain'])} | |")
+        lines.append(f"| {i} | ratios | p99 plain/pio "
+                     f"{ratio_text(r['high_ttft_p99_plain_over_pio'])}, "
+                     f"p50 {ratio_text(r['high_ttft_p50_plain_over_pio'])} | pio p99/unloaded "
+                     f"{ratio_text(r['pio_high_ttft_p99_over_unloaded'])} | | pio/plain "
+                     f"{ratio_text(r['throughput_pio_over_plain'])} | |")
     return "\n".join(lines)
 
 
