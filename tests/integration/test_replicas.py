@@ -246,14 +246,21 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
             stream = c.stream("POST", replica_set.router + "/v1/chat/completions",
                               headers=KEY, json={**chat(f"long {len(streams)}", 3000),
                                                  "stream": True, "ignore_eos": True})
-            it = stream.__enter__().iter_lines()
+            response = stream.__enter__()
+            it = response.iter_lines()
             streams.append(stream)
             lines.append(it)
+            assert response.status_code == 200, (response.status_code, next(it, ""))
             next(it)
 
-        # round robin alternates, but the 429 test's retries move its counter: open streams
-        # through the router until the victim holds one (and the survivor too)
-        while len(streams) < 4 and (len(streams) < 2 or load(victim) == 0):
+        # the 429 test's aborted streams may still count on replica 0 for a moment
+        wait_for(lambda: all(load(url) == 0 for url in replica_set.replicas), 60,
+                 "both replicas idle before the streams open")
+        # round robin alternates, but the 429 test's retries move its counter (one run put
+        # two consecutive streams on the victim): open streams through the router until
+        # each replica holds one
+        while len(streams) < 2 or (len(streams) < 6 and min(
+                load(url) for url in replica_set.replicas) == 0):
             open_stream()
         # and one stream straight to the victim: what the replica itself does when killed
         direct = c.stream("POST", victim + "/v1/chat/completions", headers=KEY,
