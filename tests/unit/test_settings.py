@@ -16,7 +16,7 @@ def test_tiny_config_loads_engine_args_verbatim() -> None:
     assert s.engine["model"] == "pio:tiny"
     assert s.engine["block_size"] == 32
     assert s.engine["limit_mm_per_prompt"] == {"image": 4, "video": 0}
-    assert s.vllm_env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert s.vllm_env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert s.local_model_preset() == "tiny"
 
 
