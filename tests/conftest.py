@@ -4,23 +4,37 @@
 The tiny Qwen3-VL is built once into the default model cache (~/.cache/pio-vllm/models), the
 same folder `pio-vllm demo` uses. The engine is real vLLM (CPU build) and is started once for
 the whole test session; tests must leave it idle (see `assert_vllm_idle`). The server is
-started on first use and shared by the server test modules; the last of them
-(test_server_shutdown.py) stops it with SIGTERM, and a later user would get a fresh one.
+shared by the server test modules; the last of them (test_server_shutdown.py) stops it with
+SIGTERM, and a later user would get a fresh one.
+
+The first test that needs the engine or the server launches both, with the selected tests'
+early jobs (the seed example, the benchmark smoke run), so that their start-ups share the two
+cores; it waits for all of them before it runs (tests/early_start.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from pio_vllm.settings import PioSettings
+from tests.early_start import EarlyStart
 from tests.helpers import tiny_settings
-from tests.server_helpers import ImageHost, Server, shared_server_config, start_server
+from tests.server_helpers import (
+    ImageHost,
+    Server,
+    launch_server,
+    shared_server_config,
+    wait_healthy,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,10 +65,11 @@ def tiny_model_dir(settings: PioSettings) -> Path:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def engine(settings: PioSettings, tiny_model_dir: Path):
+async def engine(settings: PioSettings, start_ups: StartUps):
     from pio_vllm.engine.pio_engine import PioEngine
 
     async with PioEngine(settings) as eng:
+        await asyncio.to_thread(start_ups.settle)
         yield eng
 
 
@@ -73,12 +88,23 @@ class _ServerSlot:
         self._config = shared_server_config(tmp / "server.yaml", image_host.port)
         self._server: Server | None = None
         self._starts = 0
+        self._failed: RuntimeError | None = None  # a start that failed is not retried
 
-    def get(self) -> Server:
+    def launch(self) -> None:
         if self._server is None or self._server.proc.poll() is not None:
             self._starts += 1
-            self._server = start_server(self._config, self._tmp / f"server{self._starts}.log")
-        return self._server
+            self._server = launch_server(self._config, self._tmp / f"server{self._starts}.log")
+
+    def get(self) -> Server:
+        if self._failed is not None:
+            raise self._failed
+        self.launch()
+        assert self._server is not None
+        try:
+            return wait_healthy(self._server)
+        except RuntimeError as e:
+            self._failed = e
+            raise
 
     def stop(self) -> None:
         if self._server is not None:
@@ -93,9 +119,47 @@ def server_slot(tmp_path_factory: pytest.TempPathFactory,
     slot.stop()
 
 
+@pytest.fixture(scope="session")
+def early_start(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                tiny_model_dir: Path) -> Iterator[EarlyStart]:
+    """Selected tests' early jobs (tests/early_start.py); the checkpoint is built first, so
+    no two processes build it at once."""
+    early = EarlyStart(request.session, tmp_path_factory.mktemp("early"))
+    yield early
+    early.settle()
+
+
+@dataclass
+class StartUps:
+    early: EarlyStart
+    server: _ServerSlot | None
+
+    def settle(self) -> None:
+        """Wait until every start-up launched with this one is done (the server healthy,
+        each early job finished), so tests run on a quiet machine."""
+        if self.server is not None:
+            with contextlib.suppress(RuntimeError):  # the `server` fixture reports it
+                self.server.get()
+        self.early.settle()
+
+
+@pytest.fixture(scope="session")
+def start_ups(request: pytest.FixtureRequest, early_start: EarlyStart) -> StartUps:
+    """The first need of the session engine or the shared server launches both of them (the
+    server only if a selected test uses it) and every selected early job, side by side."""
+    early_start.start_all()
+    uses_server = any("server" in getattr(item, "fixturenames", ())
+                      for item in request.session.items)
+    slot = request.getfixturevalue("server_slot") if uses_server else None
+    if slot is not None:
+        slot.launch()
+    return StartUps(early_start, slot)
+
+
 @pytest.fixture
-def server(server_slot: _ServerSlot) -> Server:
+def server(server_slot: _ServerSlot, start_ups: StartUps) -> Server:
     """The shared `pio-vllm serve` process (see server_helpers.shared_server_config)."""
+    start_ups.settle()
     return server_slot.get()
 
 

@@ -84,7 +84,8 @@ class Server:
             return self.proc.wait(10)
 
 
-def start_server(config: Path, log_path: Path, *extra: str, timeout_s: float = 240) -> Server:
+def launch_server(config: Path, log_path: Path, *extra: str) -> Server:
+    """Start `pio-vllm serve` on a free loopback port without waiting for it."""
     port = free_port()
     log = log_path.open("wb")
     proc = subprocess.Popen(
@@ -92,11 +93,15 @@ def start_server(config: Path, log_path: Path, *extra: str, timeout_s: float = 2
          "--host", "127.0.0.1", "--port", str(port), *extra],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    return Server(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_healthy(server: Server, timeout_s: float = 240) -> Server:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n"
+                               f"{server.log()[-4000:]}")
         try:
             if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
                 return server

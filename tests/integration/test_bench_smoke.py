@@ -1,29 +1,42 @@
-"""The A/B harness end to end: the 10-request smoke scenario in-process (both sides, fresh
-engines), and server mode's client replaying a workload against the shared `pio-vllm serve`
-(real vLLM, CPU). Starting plain vLLM's server is exercised by the server-mode benchmarks."""
+"""The A/B harness end to end: the 10-request smoke scenario in-process through the
+`pio-vllm bench` command (both sides, fresh engines, the report), and server mode's client
+replaying a workload against the shared `pio-vllm serve` (real vLLM, CPU). Starting plain
+vLLM's server is exercised by the server-mode benchmarks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from benchmarks.harness import Slo
-from benchmarks.scenarios import main as bench_main
-from tests.helpers import TINY_CONFIG
+from tests.early_start import Early, EarlyStart, Job
+from tests.helpers import ROOT, TINY_CONFIG
 from tests.server_helpers import MODEL, Server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("mode", ["inproc"])
-def test_smoke_scenario_runs_both_sides(mode: str, tmp_path: Path) -> None:
-    out = tmp_path / f"smoke-{mode}.json"
-    assert bench_main(["smoke", "--mode", mode, "--config", str(TINY_CONFIG),
-                       "--out", str(out)]) == 0
+def smoke_job(folder: Path) -> Job:
+    return Job([sys.executable, "-m", "pio_vllm", "bench", "smoke", "--mode", "inproc",
+                "--config", str(TINY_CONFIG), "--out", str(folder / "smoke-inproc.json")],
+               ROOT)
+
+
+EARLY = {"smoke-inproc": Early("test_smoke_scenario_runs_both_sides", smoke_job)}
+
+
+def test_smoke_scenario_runs_both_sides(early_start: EarlyStart) -> None:
+    """`pio-vllm bench smoke` in-process: each side in a fresh interpreter with its own
+    engine, one after the other (started early, beside the session engine's start:
+    tests/early_start.py)."""
+    proc = early_start.result("smoke-inproc")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.folder / "smoke-inproc.json"
     doc = json.loads(out.read_text())
     run = doc["runs"][0]
     assert set(run) == {"plain", "pio"}
@@ -32,12 +45,11 @@ def test_smoke_scenario_runs_both_sides(mode: str, tmp_path: Path) -> None:
         assert side["output_tok_per_s"] > 0 and side["ttft_p50_s"] > 0
     assert run["pio"]["classes"]["interactive"]["n"] == run["plain"]["classes"][
         "interactive"]["n"]
-    if mode == "inproc":
-        assert run["pio"]["pio_intake_p50_s"] is not None  # measured inside pio
+    assert run["pio"]["pio_intake_p50_s"] is not None  # measured inside pio
     assert doc["ratios"][0]["pio"]["throughput"] > 0
     assert doc["environment"]["vllm"].startswith("0.")
     for png in doc["plots"]:
-        assert (tmp_path / png).stat().st_size > 1000
+        assert (proc.folder / png).stat().st_size > 1000
     assert "| plain |" in out.with_suffix(".md").read_text()
 
 

@@ -1,15 +1,15 @@
 """The seed's plugin API: its usage example runs unchanged (only the package name differs)
-on the tiny model, in a fresh process with PIO_CONFIG naming the settings file."""
+on the tiny model, in a fresh process with PIO_CONFIG naming the settings file (started
+early, beside the session engine's start: tests/early_start.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.early_start import Early, EarlyStart, Job
 from tests.helpers import ROOT, TINY_CONFIG, encode, noise_image
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -46,13 +46,19 @@ if __name__ == "__main__":
 '''
 
 
-def test_seed_example_runs_unchanged(tmp_path: Path) -> None:
-    (tmp_path / "path.jpg").write_bytes(encode(noise_image(320, 240, seed=5), "JPEG"))
-    (tmp_path / "example.py").write_text(SEED_EXAMPLE)
-    proc = subprocess.run(
-        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=600, env={**os.environ, "PIO_CONFIG": str(TINY_CONFIG),
-                          "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING"})
+def seed_example_job(folder: Path) -> Job:
+    (folder / "path.jpg").write_bytes(encode(noise_image(320, 240, seed=5), "JPEG"))
+    (folder / "example.py").write_text(SEED_EXAMPLE)
+    return Job([sys.executable, "example.py"], folder,
+               {"PIO_CONFIG": str(TINY_CONFIG), "PYTHONPATH": str(ROOT),
+                "VLLM_LOGGING_LEVEL": "WARNING"}, nice=10)
+
+
+EARLY = {"seed-example": Early("test_seed_example_runs_unchanged", seed_example_job)}
+
+
+def test_seed_example_runs_unchanged(early_start: EarlyStart) -> None:
+    proc = early_start.result("seed-example")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     single = next(line for line in lines if line.startswith("single:"))
