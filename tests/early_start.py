@@ -101,15 +101,15 @@ class EarlyStart:
     def settle(self) -> None:
         """Wait for every started job (each has its own timeout)."""
         for name in list(self._running):
-            done = self.result(name)
-            print(f"early job {name}: exit {done.returncode} after {done.wall_s} s",
-                  file=sys.stderr)
+            self.result(name)
 
     def result(self, name: str) -> Finished:
         """The job's outcome, waiting for it (and starting it first if needed)."""
         if name not in self._finished:
             running = self._running.get(name) or self._start(name)
-            self._finished[name] = running.wait()
+            done = self._finished[name] = running.wait()
+            print(f"early job {name}: exit {done.returncode} after {done.wall_s} s",
+                  file=sys.stderr)
         return self._finished[name]
 
     def _start(self, name: str) -> _Running:
