@@ -115,7 +115,7 @@ class EarlyStart:
     def _start(self, name: str) -> _Running:
         if name not in self._running:
             if name not in self._factories:
-                raise KeyError(f"no early job for {name!r}: its module's EARLY names "
+                raise KeyError(f"no early job {name!r} among the selected tests' EARLY jobs "
                                f"{sorted(self._factories)}")
             folder = self._tmp / name
             folder.mkdir(parents=True, exist_ok=True)
