@@ -184,7 +184,7 @@ def test_get_load_counts_what_a_replica_holds(replica_set: ReplicaSet) -> None:
 def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> None:
     """Replica 0's batch capacity (max_num_seqs 2 + lookahead 2) and queue (1) are filled
     directly; router requests that land there are refused with 429 and retried on replica
-    1, so the client sees none."""
+    1, so the client sees none (requests are sent until replica 0 has refused one)."""
     full = replica_set.replicas[0]
     batch = {"Authorization": "Bearer key-batch"}
 
@@ -221,14 +221,21 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
                 events = [line for line in httpx.get(full + "/metrics", timeout=30).text
                           .splitlines() if line.startswith("pio_admission_events_total")]
                 raise AssertionError(f"{e}; last loads read {loads[-10:]}; {events}") from None
-            codes = [httpx.post(replica_set.router + "/v1/chat/completions", json=chat("x"),
-                                headers=batch, timeout=120).status_code for _ in range(4)]
+            # round robin sends every other request to replica 0; send until it has refused
+            # one (a fresh-clone run saw 4 requests, none refused: the router can skip a
+            # replica whose health check is slow under load)
+            codes: list[int] = []
+            refused = False
+            while len(codes) < 12 and not refused:
+                codes.append(httpx.post(replica_set.router + "/v1/chat/completions",
+                                        json=chat("x"), headers=batch, timeout=120).status_code)
+                refused = shed() > shed_before
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
             queued.join(120)
-    assert codes == [200] * 4, codes
-    assert shed() > shed_before  # replica 0 did refuse; the router went elsewhere
+    assert codes == [200] * len(codes), codes  # the client saw no 429
+    assert refused, f"replica 0 refused none of {len(codes)} router requests"
 
 
 def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
