@@ -65,11 +65,11 @@ class FakeEngine:
         self.ctl.release(ticket, outcome)
 
 
-def controller(capacity: int = 1, clock: FakeClock | None = None, **kw: object
-               ) -> AdmissionController:
+def controller(capacity: int = 1, clock: FakeClock | None = None,
+               bound_top_class: bool = True, **kw: object) -> AdmissionController:
     settings = AdmissionSettings(**kw)  # type: ignore[arg-type]
     return AdmissionController(settings, CLASSES, "standard", capacity,
-                               clock=clock or FakeClock())
+                               clock=clock or FakeClock(), bound_top_class=bound_top_class)
 
 
 async def settle() -> None:
@@ -145,9 +145,7 @@ async def test_unbounded_top_class_prepares_a_burst_at_once() -> None:
     of the top class is prepared at once; the level below still takes turns behind it.
     With the default, the top class takes turns like the others."""
     for bound, expected in ((False, 5), (True, 2)):
-        settings = AdmissionSettings(max_preparing=2)
-        ctl = AdmissionController(settings, CLASSES, "standard", 10, clock=FakeClock(),
-                                  bound_top_class=bound)
+        ctl = controller(capacity=10, max_preparing=2, bound_top_class=bound)
         eng = FakeEngine(ctl)
         for i in range(5):
             eng.submit(f"hi{i}", "interactive")
