@@ -89,6 +89,7 @@ class _ServerSlot:
         self._server: Server | None = None
         self._starts = 0
         self._failed: RuntimeError | None = None  # a start that failed is not retried
+        self._healthy: Server | None = None  # the last server that answered /health
 
     def launch(self) -> None:
         if self._server is None or self._server.proc.poll() is not None:
@@ -100,11 +101,13 @@ class _ServerSlot:
             raise self._failed
         self.launch()
         assert self._server is not None
-        try:
-            return wait_healthy(self._server)
-        except RuntimeError as e:
-            self._failed = e
-            raise
+        if self._healthy is not self._server:
+            try:
+                self._healthy = wait_healthy(self._server)
+            except RuntimeError as e:
+                self._failed = e
+                raise
+        return self._server
 
     def stop(self) -> None:
         if self._server is not None:
