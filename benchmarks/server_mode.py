@@ -57,11 +57,28 @@ def engine_flags(engine: dict[str, Any]) -> list[str]:
 
 
 def free_port() -> int:
+    return free_port_block(1)
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are free now, chosen below the
+    kernel's ephemeral range, so that no outgoing connection or bind(0) elsewhere takes one
+    of them between this check and the server binding it (or rebinding it on a restart)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for _ in range(200):
+        first = random.randrange(10000, low - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free loopback ports in 10000..{low}")
 
 
 def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:

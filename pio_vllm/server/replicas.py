@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -80,6 +81,31 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if flag in rest:
             raise ConfigError(f"{flag} is the router's; replicas listen on --port + 1 + i")
     return args, rest
+
+
+def busy_ports(host: str, ports: list[int]) -> list[int]:
+    """The ports in `ports` that cannot be bound on `host` now (in use or not allowed)."""
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def check_ports_free(args: argparse.Namespace) -> None:
+    """Refuse to start when the router's or a replica's port is taken: otherwise a replica
+    dies mid-start-up with `Address already in use` and takes the others down with it."""
+    wanted = [(args.host, args.port)] + [
+        ("127.0.0.1", args.port + 1 + i) for i in range(args.replicas)]
+    busy = [port for host, port in wanted if busy_ports(host, [port])]
+    if busy:
+        raise ConfigError(
+            f"--port {args.port}: port(s) {', '.join(map(str, busy))} already in use; "
+            f"serve-replicas needs ports {args.port}..{args.port + args.replicas} free "
+            f"(the router on --port, replica i on --port + 1 + i): choose another --port")
 
 
 def router_command(args: argparse.Namespace, worker_urls: list[str]) -> list[str]:
@@ -180,6 +206,7 @@ def main(argv: list[str]) -> int:
     try:
         args, rest = parse_args(argv)
         per_replica = _gpus_per_replica(rest)
+        check_ports_free(args)
     except (ConfigError, ValueError) as e:
         logger.error("%s", e)
         return 2

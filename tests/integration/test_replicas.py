@@ -29,7 +29,7 @@ import openai
 import psutil
 import pytest
 
-from benchmarks.server_mode import free_port
+from benchmarks.server_mode import free_port_block
 from tests.server_helpers import KEYS, MODEL, metric, write_config
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -91,7 +91,7 @@ def replica_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet
         server={"api_keys": [{"key": k, **v} for k, v in KEYS.items()],
                 "drain_timeout_s": 2.0},
     )
-    port = free_port()
+    port = free_port_block(3)  # the router, then replica i on port + 1 + i
     log_dir = tmp / "logs"
     log_dir.mkdir()
     with (log_dir / "supervisor.out").open("wb") as out:

@@ -41,3 +41,18 @@ def test_serve_replicas_policy_fits_the_replica_count() -> None:
         replica_args(["--replicas", "1", "--policy", "power_of_two"])
     with pytest.raises(ConfigError, match="--port is the router's"):
         replica_args(["--replicas", "2", "--", "--port", "9"])
+
+
+def test_serve_replicas_refuses_a_busy_port_by_number() -> None:
+    import socket
+
+    from pio_vllm.server.replicas import check_ports_free
+    from pio_vllm.server.replicas import parse_args as replica_args
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        # the taken port is replica 1's (router on taken - 2, replica 0 on taken - 1)
+        args, _ = replica_args(["--replicas", "2", "--port", str(taken - 2)])
+        with pytest.raises(ConfigError, match=rf"\b{taken} already in use"):
+            check_ports_free(args)
