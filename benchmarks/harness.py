@@ -336,6 +336,10 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
         result["ttft_prediction_error_p50"] = min(errors) if len(errors) == 1 else (
             None if not errors else sum(errors) / len(errors))
         work_model = stats.admission.slo.model
+        result["service_calibration"] = {
+            "overall": round(stats.admission.slo.calibration, 3),
+            "seconds_per_vision_token_by_size_class": {
+                str(k): v for k, v in stats.admission.slo.service_s_by_size.items()}}
         if work_model is not None:
             result["step_model"] = {
                 "base_seconds": work_model.base_s,

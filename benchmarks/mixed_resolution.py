@@ -96,6 +96,7 @@ def row(load: float, name: str, side: dict[str, Any]) -> dict[str, Any]:
         "admission": side.get("admission_events"),
         "ttft_prediction_error_p50": None if name == "plain" else prediction_error_p50(side),
         "step_model": side.get("step_model"),
+        "service_calibration": side.get("service_calibration"),
     }
 
 

@@ -62,9 +62,11 @@ from pio_vllm.admission.policy import (
     shed_decision,
 )
 from pio_vllm.admission.slo_policy import (
-    TtftCalibration,
+    FirstTokenGroups,
+    ServiceCalibration,
     WorkBucket,
     WorkModel,
+    backlog_s,
     predicted_ttft_s,
 )
 from pio_vllm.errors import DeadlineExceededError, EngineNotRunningError, RequestRejectedError
@@ -113,8 +115,8 @@ class Ticket:
     granted_at: float | None = None
     first_token_at: float | None = None
     work_s: float = 0.0  # engine seconds of its prefill, from the step model (SLO admission)
-    predicted_engine_s: float | None = None  # uncalibrated engine time predicted at grant
-    predicted_ttft_s: float | None = None  # calibrated, arrival to first token
+    started_at: float | None = None  # handed to vLLM
+    predicted_ttft_s: float | None = None  # at its grant, arrival to first token
     _future: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -126,8 +128,10 @@ class SloStats:
     model: WorkModel | None
     work_rate: float  # engine-seconds of prefill work admitted per second
     max_running: int | None  # running-set cap from the TPOT target (None: no cap)
-    calibration: float  # actual / predicted engine time, running
-    admitted_work_s: float  # admitted work not yet at its first token
+    calibration: float  # actual / modelled service time, running, over all sizes
+    # seconds per vision token (text: per request) by size class (slo_policy.size_class)
+    service_s_by_size: dict[int, float]
+    backlog_s: float  # engine seconds of admitted work still to run before a first token
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,8 @@ class AdmissionController:
         self._model: WorkModel | None = None
         self._running = 0
         self._bucket = WorkBucket(settings.work_burst_s, clock())
-        self._calibration = TtftCalibration()
+        self._calibration = ServiceCalibration()
+        self._first_tokens = FirstTokenGroups(self._calibration)
         self._wake: asyncio.TimerHandle | None = None
         self.metrics = AdmissionMetrics(list(classes), registry)
         self._idle = asyncio.Event()
@@ -269,6 +274,7 @@ class AdmissionController:
         if ticket.state is not TicketState.PREPARING:
             return
         ticket.state = TicketState.IN_ENGINE
+        ticket.started_at = self._clock()
         self.metrics.add_preparing(ticket.class_name, -1)
         self._pump()
 
@@ -282,8 +288,6 @@ class AdmissionController:
         self._price(ticket)
         if self._slo_active():
             self._bucket.refund(old - ticket.work_s, self._clock())
-            if ticket.predicted_engine_s is not None:
-                ticket.predicted_engine_s += ticket.work_s - old
 
     def release(self, ticket: Ticket, outcome: Release) -> None:
         """A granted request ended (idempotent): its place frees."""
@@ -303,13 +307,15 @@ class AdmissionController:
 
     def observe_ttft(self, ticket: Ticket, ttft_s: float) -> None:
         """The request's first token arrived `ttft_s` after it did: its prefill work is done
-        (the next predictions no longer count it) and the prediction made at its grant is
-        scored (calibration, and the predicted-vs-actual metric)."""
+        (the backlog no longer counts it), its service time teaches the prediction for its
+        size (`FirstTokenGroups`), and the prediction made at its grant is scored (the
+        predicted-vs-actual metric)."""
         self.metrics.observe_ttft(ticket.class_name, ttft_s)
         now = self._clock()
         ticket.first_token_at = now
-        if ticket.predicted_engine_s is not None and ticket.granted_at is not None:
-            self._calibration.observe(ticket.predicted_engine_s, now - ticket.granted_at)
+        if ticket.started_at is not None:
+            self._first_tokens.first_token(now, ticket.started_at, ticket.vision_tokens,
+                                           ticket.work_s)
         if ticket.predicted_ttft_s is not None:
             self.metrics.observe_prediction(ticket.class_name, ticket.predicted_ttft_s, ttft_s)
         self._pump()
@@ -402,10 +408,20 @@ class AdmissionController:
             return self._capacity
         return min(self._capacity, cap + self._settings.lookahead)
 
-    def _admitted_work(self, level: int) -> float:
-        """Engine seconds of granted work of level <= `level` not yet at its first token."""
-        return sum(t.work_s for t in self._granted.values()
-                   if t.level <= level and t.first_token_at is None)
+    def _service_s(self, ticket: Ticket) -> float:
+        """Engine seconds from when vLLM can start on the request to its first token."""
+        return self._calibration.service_s(ticket.vision_tokens, ticket.work_s)
+
+    def _backlog(self, level: int, now: float) -> float:
+        """Engine seconds of granted work of level <= `level` still to run before a first
+        token (vLLM serves it before a new request of `level`)."""
+        ahead = [t for t in self._granted.values()
+                 if t.level <= level and t.first_token_at is None]
+        started = [t.started_at for t in ahead if t.started_at is not None]
+        drain_started_at = None
+        if started:
+            drain_started_at = max(min(started), self._first_tokens.last_at or min(started))
+        return backlog_s(sum(self._service_s(t) for t in ahead), drain_started_at, now)
 
     def _may_grant(self, ticket: Ticket) -> bool:
         slots, preparing = self._past_queue(ticket.level)
@@ -427,9 +443,11 @@ class AdmissionController:
 
     def _predict(self, ticket: Ticket, now: float, queued_ahead_s: float) -> float:
         return predicted_ttft_s(
-            waited_s=now - ticket.arrival_at, queued_ahead_work_s=queued_ahead_s,
-            rate=self._bucket.rate, admitted_work_s=self._admitted_work(ticket.level),
-            own_work_s=ticket.work_s, calibration=self._calibration.ratio)
+            waited_s=now - ticket.arrival_at,
+            entry_s=self._bucket.wait_s(ticket.work_s, now, ahead_s=queued_ahead_s),
+            backlog_s=self._backlog(ticket.level, now),
+            ahead_service_s=self._calibration.overall * queued_ahead_s,
+            own_service_s=self._service_s(ticket))
 
     def _refresh_rate(self, now: float) -> None:
         if self._model is not None:
@@ -503,9 +521,8 @@ class AdmissionController:
     def _grant(self, ticket: Ticket, now: float) -> None:
         if self._slo_active():
             self._bucket.take(ticket.work_s, now)
-            ticket.predicted_engine_s = self._admitted_work(ticket.level) + ticket.work_s
-            ticket.predicted_ttft_s = (now - ticket.arrival_at
-                                       + self._calibration.ratio * ticket.predicted_engine_s)
+            ticket.predicted_ttft_s = (now - ticket.arrival_at + self._backlog(ticket.level, now)
+                                       + self._service_s(ticket))
         self._unqueue(ticket)
         ticket.state = TicketState.PREPARING
         ticket.granted_at = now
@@ -552,7 +569,7 @@ class AdmissionController:
                     f"request {ticket.request_id} shed: predicted time to first token "
                     f"{predicted:.2f}s is over class {ticket.class_name!r}'s ttft_target_s="
                     f"{ticket.ttft_target_s} ({queued_ahead_s:.2f}s of queued and "
-                    f"{self._admitted_work(ticket.level):.2f}s of admitted engine work ahead); "
+                    f"{self._backlog(ticket.level, now):.2f}s of admitted engine work ahead); "
                     f"retry after {retry_after:.1f}s",
                     retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)
         if decision is None:
@@ -595,9 +612,10 @@ class AdmissionController:
         preparing = sum(t.state is TicketState.PREPARING for t in self._granted.values())
         slo = SloStats(
             active=self._slo_active(), model=self._model, work_rate=self._bucket.rate,
-            max_running=self._max_running(), calibration=self._calibration.ratio,
-            admitted_work_s=self._admitted_work(max(
-                (c.level for c in self._classes.values()), default=0)))
+            max_running=self._max_running(), calibration=self._calibration.overall,
+            service_s_by_size=self._calibration.by_size(),
+            backlog_s=self._backlog(max((c.level for c in self._classes.values()), default=0),
+                                    self._clock()))
         return AdmissionStats(
             capacity=self._effective_capacity(),
             max_preparing=self._max_preparing,

@@ -11,10 +11,13 @@ import pytest
 
 from pio_vllm.admission.controller import AdmissionController, Release
 from pio_vllm.admission.slo_policy import (
-    TtftCalibration,
+    FirstTokenGroups,
+    ServiceCalibration,
     WorkBucket,
     WorkModel,
+    backlog_s,
     predicted_ttft_s,
+    size_class,
 )
 from pio_vllm.errors import RequestRejectedError
 from pio_vllm.settings import AdmissionSettings, PriorityClass
@@ -66,21 +69,81 @@ def test_bucket_refills_and_lets_a_large_item_in_when_full() -> None:
     bucket.take(3.0, 0.4)  # bigger than the bucket: allowed from full, borrows
     assert bucket.level(0.4) < 0
     assert bucket.fits(5.0, 100.0)  # a full bucket admits anything (capped at capacity)
+    # behind 1.5 s of queued work: what the full 1 s bucket holds counts, the rest refills
+    assert bucket.wait_s(0.6, 100.0, ahead_s=1.5) == pytest.approx((1.5 + 0.6 - 1.0) / 0.5)
+    bucket.set_rate(0.0, 100.0)
+    assert math.isinf(bucket.wait_s(0.6, 100.0, ahead_s=1.5))
 
 
-def test_calibration_moves_toward_the_observed_ratio() -> None:
-    cal = TtftCalibration(smoothing=0.5)
-    cal.observe(1.0, 2.0)
-    assert cal.ratio == pytest.approx(2.0)  # the first sample sets it
-    cal.observe(1.0, 0.5)
-    assert cal.ratio == pytest.approx(1.0)  # geometric mean of 2 and 0.5
-    cal.observe(1.0, 1000.0)
-    assert cal.ratio <= 8.0 ** 0.5 + 1e-9  # one outlier is bounded
-    assert predicted_ttft_s(waited_s=0.5, queued_ahead_work_s=1.0, rate=0.5,
-                            admitted_work_s=0.2, own_work_s=0.1, calibration=2.0) == (
-        pytest.approx(0.5 + 2.0 + 0.6))
-    assert math.isinf(predicted_ttft_s(waited_s=0, queued_ahead_work_s=1, rate=0,
-                                       admitted_work_s=0, own_work_s=0, calibration=1))
+def test_service_time_is_learnt_per_request_size() -> None:
+    cal = ServiceCalibration(smoothing=0.5)
+    assert cal.service_s(1344, 0.6) == 0.6 and cal.samples == 0  # the model's, at first
+    cal.observe(0, 0.01, 0.03)  # text: its first token waits for a step the model misses
+    assert cal.service_s(0, 0.02) == pytest.approx(0.03)  # per request, whatever the model
+    cal.observe(1344, 0.6, 1.2)
+    assert cal.service_s(1100, 0.1) == pytest.approx(1100 * 1.2 / 1344)  # per vision token
+    cal.observe(1344, 0.3, 1.2 / 4)  # 0.3 s, a quarter of what it learnt: log-space mean
+    assert cal.service_s(1344, 0.6) == pytest.approx(0.6)
+    # a size class not seen yet: the model's work times the overall actual/modelled ratio
+    assert cal.service_s(300, 0.2) == pytest.approx(0.2 * cal.overall)
+    assert cal.by_size() == {0: pytest.approx(0.03), size_class(1344): pytest.approx(0.6 / 1344)}
+    cal.observe(0, 0.01, 1000.0)  # one outlier moves a class by at most 8 ** smoothing
+    assert cal.service_s(0, 0.01) == pytest.approx(0.03 * math.sqrt(8.0))
+    assert [size_class(v) for v in (0, 64, 300, 1344)] == [0, 7, 9, 11]
+
+
+def test_requests_out_of_one_engine_step_share_its_time_by_work() -> None:
+    cal = ServiceCalibration()
+    groups = FirstTokenGroups(cal, same_step_s=0.005)
+    # one 300-token image alone: 0.2 s from its hand-over to its first token
+    groups.first_token(10.2, 10.0, 300, 0.1)
+    # three more, handed over at 10.1, come out of one step 0.6 s after the first token
+    for vision, work in ((300, 0.1), (300, 0.1), (600, 0.2)):
+        groups.first_token(10.8, 10.1, vision, work)
+    assert cal.samples == 1 and cal.service_s(300, 0.1) == pytest.approx(0.2)
+    groups.first_token(11.0, 10.9, 0, 0.01)  # the next step scores the group
+    # 0.6 s over 0.4 s of work: the 300s got 0.15 s each, the 600 0.3 s
+    assert cal.samples == 4 and groups.last_at == 11.0
+    assert cal.by_size()[size_class(600)] == pytest.approx(0.3 / 600)
+
+
+def test_backlog_is_what_the_engine_has_not_done_yet_and_ttft_adds_up() -> None:
+    assert backlog_s(1.0, None, 5.0) == 1.0  # nothing in vLLM yet: all of it is ahead
+    assert backlog_s(1.0, 4.6, 5.0) == pytest.approx(0.6)  # 0.4 s spent on it
+    assert backlog_s(1.0, 2.0, 5.0) == 0.0  # overdue: its first token is imminent
+    # the engine works through its backlog while the bucket refills: the longer one counts
+    assert predicted_ttft_s(waited_s=0.5, entry_s=2.0, backlog_s=0.2, ahead_service_s=0.3,
+                            own_service_s=0.1) == pytest.approx(0.5 + 2.0 + 0.1)
+    assert predicted_ttft_s(waited_s=0.5, entry_s=0.0, backlog_s=0.2, ahead_service_s=0.3,
+                            own_service_s=0.1) == pytest.approx(0.5 + 0.5 + 0.1)
+
+
+async def test_prediction_counts_the_remaining_backlog_and_learns_service_times() -> None:
+    clock = FakeClock()
+    ctl = slo_controller(clock)
+    eng = FakeEngine(ctl)
+    image = submit(ctl, eng, "image", "standard", vision=1344)
+    await settle()
+    image_work = MODEL.work_s(1364, 1344)  # ~0.75 s
+    assert ctl.stats().slo.backlog_s == pytest.approx(image_work)  # granted, not in vLLM
+    eng.start(image)  # type: ignore[arg-type]
+    clock.now += 0.5  # the engine has spent 0.5 s of it
+    text = submit(ctl, eng, "text", "standard")
+    await settle()
+    own = MODEL.work_s(20, 0)
+    assert text.predicted_ttft_s == pytest.approx(image_work - 0.5 + own)  # type: ignore[attr-defined]
+    eng.start(text)  # type: ignore[arg-type]
+    clock.now += 0.4  # the image's first token, 0.9 s after its hand-over
+    ctl.observe_ttft(image, 0.9)  # type: ignore[arg-type]
+    assert ctl.stats().slo.backlog_s == pytest.approx(own)  # the text starts now
+    clock.now += 0.03  # the text's first token, the next step: it scores the image's
+    ctl.observe_ttft(text, 0.43)  # type: ignore[arg-type]
+    assert ctl.stats().slo.service_s_by_size == {size_class(1344): pytest.approx(0.9 / 1344)}
+    assert ctl.stats().slo.backlog_s == 0.0
+    # the next image of that size is predicted at the time its size took
+    later = submit(ctl, eng, "later", "standard", vision=1344)
+    await settle()
+    assert later.predicted_ttft_s == pytest.approx(0.9)  # type: ignore[attr-defined]
 
 
 async def test_requests_predicted_to_miss_are_refused_at_arrival() -> None:
@@ -170,12 +233,16 @@ async def test_cheap_requests_go_first_within_a_class() -> None:
     await settle()
     submit(ctl, eng, "large", "standard", vision=1344)  # arrives first, 0.6 s of work
     clock.now += 0.1
-    submit(ctl, eng, "text", "standard")  # arrives 0.1 s later, ~5 ms of work
+    text = submit(ctl, eng, "text", "standard")  # arrives 0.1 s later, ~5 ms of work
     await settle()
     ctl.observe_ttft(running, 0.05)  # type: ignore[arg-type]
     eng.finish(running)  # type: ignore[arg-type]
     await settle()
-    assert eng.granted[1] == "text"
+    assert eng.granted == ["running", "text"] and eng.shed == []
+    ctl.observe_ttft(text, 0.01)  # type: ignore[arg-type]
+    eng.finish(text)  # type: ignore[arg-type]
+    await settle()
+    assert eng.granted == ["running", "text", "large"]  # then the large one, not refused
 
 
 async def test_slo_outcomes_and_prediction_error_are_counted() -> None:
