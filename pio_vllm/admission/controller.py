@@ -64,6 +64,7 @@ from pio_vllm.admission.policy import (
 from pio_vllm.admission.slo_policy import (
     FirstTokenGroups,
     ServiceCalibration,
+    TpotFeedback,
     WorkBucket,
     WorkModel,
     backlog_s,
@@ -127,6 +128,7 @@ class SloStats:
     active: bool  # a class has an SLO and a step model is fitted
     model: WorkModel | None
     work_rate: float  # engine-seconds of prefill work admitted per second
+    tpot_scale: float  # the share of the model's work rate TPOT feedback allows (0..1]
     max_running: int | None  # running-set cap from the TPOT target (None: no cap)
     calibration: float  # actual / modelled service time, running, over all sizes
     # seconds per vision token (text: per request) by size class (slo_policy.size_class)
@@ -191,6 +193,7 @@ class AdmissionController:
         self._bucket = WorkBucket(settings.work_burst_s, clock())
         self._calibration = ServiceCalibration()
         self._first_tokens = FirstTokenGroups(self._calibration)
+        self._tpot_feedback = TpotFeedback()
         self._wake: asyncio.TimerHandle | None = None
         self.metrics = AdmissionMetrics(list(classes), registry)
         self._idle = asyncio.Event()
@@ -322,10 +325,13 @@ class AdmissionController:
 
     def observe_finish(self, ticket: Ticket, ttft_s: float | None,
                        tpot_s: float | None) -> None:
-        """A request finished: count it as meeting or missing its class's SLO."""
+        """A request finished: count it as meeting or missing its class's SLO; whether it
+        kept its TPOT target corrects the work rate (`TpotFeedback`)."""
         cls = self._classes[ticket.class_name]
         if cls.ttft_target_s is None and cls.tpot_target_s is None:
             return
+        if cls.tpot_target_s is not None and tpot_s is not None and self._slo_active():
+            self._tpot_feedback.observe(tpot_s <= cls.tpot_target_s)
         met = ttft_s is not None and (cls.ttft_target_s is None or ttft_s <= cls.ttft_target_s)
         met = met and (cls.tpot_target_s is None or tpot_s is None
                        or tpot_s <= cls.tpot_target_s)
@@ -451,8 +457,9 @@ class AdmissionController:
 
     def _refresh_rate(self, now: float) -> None:
         if self._model is not None:
-            self._bucket.set_rate(self._model.max_work_rate(
-                self._running, self._tpot_target, self._settings.slo_safety), now)
+            rate = self._model.max_work_rate(
+                self._running, self._tpot_target, self._settings.slo_safety)
+            self._bucket.set_rate(max(0.05, rate * self._tpot_feedback.scale), now)
 
     def _pump(self) -> None:
         if not self._waiting:
@@ -612,6 +619,7 @@ class AdmissionController:
         preparing = sum(t.state is TicketState.PREPARING for t in self._granted.values())
         slo = SloStats(
             active=self._slo_active(), model=self._model, work_rate=self._bucket.rate,
+            tpot_scale=self._tpot_feedback.scale,
             max_running=self._max_running(), calibration=self._calibration.overall,
             service_s_by_size=self._calibration.by_size(),
             backlog_s=self._backlog(max((c.level for c in self._classes.values()), default=0),

@@ -13,6 +13,8 @@ From it:
   of the engine's time, a running request's TPOT is about `d(n) / (1 - rho)`, so work may
   enter at `rho_max = 1 - d(n) / (tpot_target * safety)` engine-seconds per second, with
   a burst of `burst_s` (one large image always fits when nothing else is pending);
+- finished requests correct that rate (`TpotFeedback`): it shrinks while more than a fifth
+  of them miss their TPOT target and recovers while they keep it;
 - a request's predicted TTFT is its wait so far, plus the longer of the time until the
   bucket lets it in (the work queued ahead of it and its own, less what the bucket holds,
   at that rate) and the engine's *backlog* (the admitted work of the same or higher
@@ -58,6 +60,31 @@ class WorkModel:
             return 1.0
         room = 1.0 - self.decode_step_s(running) / (tpot_target_s * safety)
         return min(1.0, max(0.05, room))  # never close the door entirely
+
+
+class TpotFeedback:
+    """Scales the work rate by whether finished requests kept their TPOT target.
+
+    The work rate above is priced from the step model, which misses some of what slows
+    decoding: on a CPU the API server shares the cores with the engine, and the fit can
+    find no per-token slope, so a larger decode batch looks free. Each finished request
+    moves the scale: up by `up` when it kept its TPOT target, down by `up ** ((1 - b) / b)`
+    when it missed, with `b = miss_budget`. The scale settles where about `miss_budget` of
+    requests miss (a stochastic quantile tracker); when fewer miss it stays at 1, so an
+    engine that is not overloaded is never slowed."""
+
+    def __init__(self, miss_budget: float = 0.2, up: float = 1.03, floor: float = 0.05
+                 ) -> None:
+        if not 0 < miss_budget < 1:
+            raise ValueError(f"miss_budget {miss_budget}: accepted: between 0 and 1")
+        self.scale = 1.0
+        self._up = up
+        self._down = up ** -((1 - miss_budget) / miss_budget)
+        self._floor = floor
+
+    def observe(self, kept_target: bool) -> None:
+        self.scale = min(1.0, max(self._floor,
+                                  self.scale * (self._up if kept_target else self._down)))
 
 
 class WorkBucket:

@@ -13,6 +13,7 @@ from pio_vllm.admission.controller import AdmissionController, Release
 from pio_vllm.admission.slo_policy import (
     FirstTokenGroups,
     ServiceCalibration,
+    TpotFeedback,
     WorkBucket,
     WorkModel,
     backlog_s,
@@ -275,3 +276,43 @@ async def test_without_a_fitted_model_slo_admission_stays_out_of_the_way() -> No
     await settle()
     assert len(eng.granted) == 20 and not eng.shed
     assert not ctl.stats().slo.active
+
+
+def test_tpot_feedback_settles_where_a_tenth_miss() -> None:
+    feedback = TpotFeedback(miss_budget=0.1, up=1.03)
+    for _ in range(50):
+        feedback.observe(kept_target=True)
+    assert feedback.scale == 1.0  # never above the model's rate
+    feedback.observe(kept_target=False)
+    assert feedback.scale == pytest.approx(1.03 ** -9)
+    for _ in range(9):
+        feedback.observe(kept_target=True)
+    assert feedback.scale == pytest.approx(1.0)  # one miss in ten: back where it was
+    for _ in range(200):
+        feedback.observe(kept_target=False)
+    assert feedback.scale == 0.05  # floored: work still enters
+    with pytest.raises(ValueError, match="miss_budget 1.5"):
+        TpotFeedback(miss_budget=1.5)
+
+
+async def test_requests_missing_their_tpot_slow_the_work_rate() -> None:
+    clock = FakeClock()
+    ctl = slo_controller(clock)
+    ctl.update_engine(0.1, 40)
+    eng = FakeEngine(ctl)
+    model_rate = MODEL.max_work_rate(40, 0.06, 0.8)
+    first = submit(ctl, eng, "first", "standard")
+    await settle()
+    assert ctl.stats().slo.work_rate == pytest.approx(model_rate)
+    for i in range(3):  # three requests finish with TPOT 90 ms (target 60 ms)
+        t = submit(ctl, eng, f"slow{i}", "standard")
+        await settle()
+        ctl.observe_finish(t, 0.5, 0.09)  # type: ignore[arg-type]
+        eng.finish(t)  # type: ignore[arg-type]
+    submit(ctl, eng, "next", "standard")
+    await settle()
+    # the default budget is a fifth: each miss scales by 1.03 ** -4
+    assert ctl.stats().slo.tpot_scale == pytest.approx(1.03 ** -12)
+    assert ctl.stats().slo.work_rate == pytest.approx(model_rate * 1.03 ** -12)
+    ctl.observe_finish(first, 0.5, 0.03)  # type: ignore[arg-type]  # kept it: recovers
+    assert ctl.stats().slo.tpot_scale == pytest.approx(1.03 ** -11)
