@@ -62,6 +62,7 @@ from pio_vllm.admission.policy import (
     shed_decision,
 )
 from pio_vllm.admission.slo_policy import (
+    MIN_WORK_RATE,
     FirstTokenGroups,
     ServiceCalibration,
     TpotFeedback,
@@ -424,9 +425,10 @@ class AdmissionController:
         ahead = [t for t in self._granted.values()
                  if t.level <= level and t.first_token_at is None]
         started = [t.started_at for t in ahead if t.started_at is not None]
-        drain_started_at = None
-        if started:
-            drain_started_at = max(min(started), self._first_tokens.last_at or min(started))
+        drain_started_at = min(started, default=None)
+        last_first_token = self._first_tokens.last_at
+        if drain_started_at is not None and last_first_token is not None:
+            drain_started_at = max(drain_started_at, last_first_token)
         return backlog_s(sum(self._service_s(t) for t in ahead), drain_started_at, now)
 
     def _may_grant(self, ticket: Ticket) -> bool:
@@ -459,7 +461,7 @@ class AdmissionController:
         if self._model is not None:
             rate = self._model.max_work_rate(
                 self._running, self._tpot_target, self._settings.slo_safety)
-            self._bucket.set_rate(max(0.05, rate * self._tpot_feedback.scale), now)
+            self._bucket.set_rate(max(MIN_WORK_RATE, rate * self._tpot_feedback.scale), now)
 
     def _pump(self) -> None:
         if not self._waiting:

@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MIN_WORK_RATE = 0.05  # engine-seconds of prefill per second: never close the door entirely
+
 
 @dataclass(frozen=True)
 class WorkModel:
@@ -59,7 +61,7 @@ class WorkModel:
         if tpot_target_s is None:
             return 1.0
         room = 1.0 - self.decode_step_s(running) / (tpot_target_s * safety)
-        return min(1.0, max(0.05, room))  # never close the door entirely
+        return min(1.0, max(MIN_WORK_RATE, room))
 
 
 class TpotFeedback:
