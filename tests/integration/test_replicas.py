@@ -98,6 +98,11 @@ def replica_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSet
         proc = subprocess.Popen(
             [sys.executable, "-m", "pio_vllm", "serve-replicas", "--replicas", "2",
              "--port", str(port), "--policy", "round_robin", "--log-dir", str(log_dir),
+             # a replica whose engine decodes full tilt leaves this 2-core box's other
+             # processes little CPU: /get_load reads of 3-11 s and 4-token requests of 8-18 s
+             # were measured in the 429 test, and the router's default 5 s health timeout then
+             # took the full replica out, so no request reached it to be refused
+             "--router-arg=--health-check-timeout-secs=30",
              "--config", str(config)],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rs = ReplicaSet(proc, f"http://127.0.0.1:{port}",
@@ -222,20 +227,28 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
                           .splitlines() if line.startswith("pio_admission_events_total")]
                 raise AssertionError(f"{e}; last loads read {loads[-10:]}; {events}") from None
             # round robin sends every other request to replica 0; send until it has refused
-            # one (a fresh-clone run saw 4 requests, none refused: the router can skip a
-            # replica whose health check is slow under load)
+            # one (the router skips a replica it holds unhealthy: see the fixture's timeout)
             codes: list[int] = []
+            sent: list[tuple[int, int, float, float]] = []  # (load before, status, s, served on 1)
             refused = False
             while len(codes) < 12 and not refused:
+                load = httpx.get(full + "/get_load", timeout=30).json()["load"]
+                other = completed(replica_set.replicas[1])
+                t = time.monotonic()
                 codes.append(httpx.post(replica_set.router + "/v1/chat/completions",
                                         json=chat("x"), headers=batch, timeout=120).status_code)
+                sent.append((load, codes[-1], round(time.monotonic() - t, 2),
+                             completed(replica_set.replicas[1]) - other))
                 refused = shed() > shed_before
+            load_after = httpx.get(full + "/get_load", timeout=30).json()["load"]
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
             queued.join(120)
     assert codes == [200] * len(codes), codes  # the client saw no 429
-    assert refused, f"replica 0 refused none of {len(codes)} router requests"
+    assert refused, (f"replica 0 refused none of {len(codes)} router requests: (replica 0 load "
+                     f"before, status, seconds, served by replica 1) {sent}; replica 0 load "
+                     f"after {load_after}")
 
 
 def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
