@@ -161,3 +161,47 @@ def test_encoder_cap_is_opt_in() -> None:
     t = tuner()
     t.observe(steps(200, base=0.004, per_token=2e-5, per_vision=1e-5))
     assert t.decide(MIX).max_encoder_tokens is None
+
+
+class _StepsBackend:
+    """What TuningLoop reads of VllmBackend: static limits and the engine's step samples."""
+
+    max_num_seqs, max_num_batched_tokens, kv_blocks_total = 64, 8192, None
+
+    def __init__(self) -> None:
+        self.pending: list[StepSample] = []
+
+    async def batch_limits(self, *_: object) -> dict[str, object]:
+        samples, self.pending = self.pending, []
+        return {"samples": [(s.tokens, s.vision_tokens, s.requests, s.step_s) for s in samples]}
+
+
+async def test_a_poor_refit_keeps_the_last_good_work_model() -> None:
+    """SLO admission prices with the last fit whose R^2 passed tuning.min_r2: a window of
+    near-identical decode steps (R^2 near 0) must not turn it off."""
+    from pio_vllm.admission.controller import AdmissionController
+    from pio_vllm.engine.batch_tuning import TuningLoop
+    from pio_vllm.settings import AdmissionSettings, PriorityClass
+
+    classes = {"standard": PriorityClass(level=0, max_queue_len=8, weight=1.0,
+                                         ttft_target_s=3.0, tpot_target_s=0.06)}
+    admission = AdmissionController(AdmissionSettings(), classes, "standard", 8)
+    backend = _StepsBackend()
+    settings = TuningSettings(min_samples=16, window=64)
+    loop = TuningLoop(settings, backend, admission, lambda: MIX, 0.9, 2,  # type: ignore[arg-type]
+                      None, apply_limits=False)
+
+    await loop.step()
+    assert admission.stats().slo.model is None  # nothing fitted yet: capacity only
+
+    backend.pending = steps(64, base=0.004, per_token=2e-5, per_vision=4e-4, noise=0.01)
+    await loop.step()
+    good = admission.stats().slo.model
+    assert good is not None and good.per_vision_token_s == pytest.approx(4e-4, rel=0.05)
+
+    rng = random.Random(1)  # decode only: one token per request, noise around 20 ms
+    backend.pending = [StepSample(8, 0, 8, 0.02 + rng.gauss(0, 0.002)) for _ in range(64)]
+    await loop.step()
+    refit = loop.stats().model
+    assert refit is not None and refit.r2 < settings.min_r2, refit
+    assert admission.stats().slo.model == good
