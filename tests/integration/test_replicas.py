@@ -56,7 +56,7 @@ class ReplicaSet:
 
 
 def completed(url: str) -> float:
-    return metric(httpx.get(url + "/metrics", timeout=10).text, "pio_admission_events_total",
+    return metric(httpx.get(url + "/metrics", timeout=60).text, "pio_admission_events_total",
                   event="completed")
 
 
@@ -193,8 +193,8 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
     full = replica_set.replicas[0]
     batch = {"Authorization": "Bearer key-batch"}
 
-    def shed() -> float:
-        return metric(httpx.get(full + "/metrics", timeout=10).text,
+    def shed() -> float:  # reads take seconds while replica 0 decodes (see the fixture)
+        return metric(httpx.get(full + "/metrics", timeout=60).text,
                       "pio_admission_events_total", event="shed")
 
     shed_before = shed()
@@ -216,12 +216,12 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
 
             def full_load() -> bool:
                 t = time.monotonic()
-                load = httpx.get(full + "/get_load", timeout=30).json()["load"]
+                load = httpx.get(full + "/get_load", timeout=60).json()["load"]
                 loads.append((load, round(time.monotonic() - t, 2)))
                 return load == 5
 
             try:
-                wait_for(full_load, 30, "replica 0 full: 4 admitted, 1 queued")
+                wait_for(full_load, 60, "replica 0 full: 4 admitted, 1 queued")
             except AssertionError as e:
                 events = [line for line in httpx.get(full + "/metrics", timeout=30).text
                           .splitlines() if line.startswith("pio_admission_events_total")]
@@ -229,26 +229,23 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
             # round robin sends every other request to replica 0; send until it has refused
             # one (the router skips a replica it holds unhealthy: see the fixture's timeout)
             codes: list[int] = []
-            sent: list[tuple[int, int, float, float]] = []  # (load before, status, s, served on 1)
+            sent: list[tuple[int, int, float]] = []  # (replica 0's load before, status, s)
             refused = False
             while len(codes) < 12 and not refused:
-                load = httpx.get(full + "/get_load", timeout=30).json()["load"]
-                other = completed(replica_set.replicas[1])
+                load = httpx.get(full + "/get_load", timeout=60).json()["load"]
                 t = time.monotonic()
                 codes.append(httpx.post(replica_set.router + "/v1/chat/completions",
                                         json=chat("x"), headers=batch, timeout=120).status_code)
-                sent.append((load, codes[-1], round(time.monotonic() - t, 2),
-                             completed(replica_set.replicas[1]) - other))
+                sent.append((load, codes[-1], round(time.monotonic() - t, 2)))
                 refused = shed() > shed_before
-            load_after = httpx.get(full + "/get_load", timeout=30).json()["load"]
+            load_after = httpx.get(full + "/get_load", timeout=60).json()["load"]
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
             queued.join(120)
     assert codes == [200] * len(codes), codes  # the client saw no 429
     assert refused, (f"replica 0 refused none of {len(codes)} router requests: (replica 0 load "
-                     f"before, status, seconds, served by replica 1) {sent}; replica 0 load "
-                     f"after {load_after}")
+                     f"before, status, seconds) {sent}; replica 0 load after {load_after}")
 
 
 def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
