@@ -55,9 +55,23 @@ class ReplicaSet:
         return int(pids[-1])
 
 
+# A replica decoding full tilt answers reads in seconds on this 2-core box (see the fixture).
+READ_TIMEOUT_S = 60.0
+
+
+def admission_events(url: str, **labels: str) -> float:
+    """A replica's pio_admission_events_total for `labels`."""
+    return metric(httpx.get(url + "/metrics", timeout=READ_TIMEOUT_S).text,
+                  "pio_admission_events_total", **labels)
+
+
+def load(url: str, timeout_s: float = READ_TIMEOUT_S) -> int:
+    """What a replica's /get_load reports."""
+    return int(httpx.get(url + "/get_load", timeout=timeout_s).json()["load"])
+
+
 def completed(url: str) -> float:
-    return metric(httpx.get(url + "/metrics", timeout=60).text, "pio_admission_events_total",
-                  event="completed")
+    return admission_events(url, event="completed")
 
 
 def wait_for(predicate: object, timeout_s: float, what: str) -> None:
@@ -193,9 +207,8 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
     full = replica_set.replicas[0]
     batch = {"Authorization": "Bearer key-batch"}
 
-    def shed() -> float:  # reads take seconds while replica 0 decodes (see the fixture)
-        return metric(httpx.get(full + "/metrics", timeout=60).text,
-                      "pio_admission_events_total", event="shed")
+    def shed() -> float:
+        return admission_events(full, event="shed")
 
     shed_before = shed()
     with httpx.Client(timeout=120) as c:
@@ -216,9 +229,9 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
 
             def full_load() -> bool:
                 t = time.monotonic()
-                load = httpx.get(full + "/get_load", timeout=60).json()["load"]
-                loads.append((load, round(time.monotonic() - t, 2)))
-                return load == 5
+                held = load(full)
+                loads.append((held, round(time.monotonic() - t, 2)))
+                return held == 5
 
             try:
                 wait_for(full_load, 60, "replica 0 full: 4 admitted, 1 queued")
@@ -232,13 +245,13 @@ def test_a_full_replica_429_is_retried_on_the_other(replica_set: ReplicaSet) -> 
             sent: list[tuple[int, int, float]] = []  # (replica 0's load before, status, s)
             refused = False
             while len(codes) < 12 and not refused:
-                load = httpx.get(full + "/get_load", timeout=60).json()["load"]
+                before = load(full)
                 t = time.monotonic()
                 codes.append(httpx.post(replica_set.router + "/v1/chat/completions",
                                         json=chat("x"), headers=batch, timeout=120).status_code)
-                sent.append((load, codes[-1], round(time.monotonic() - t, 2)))
+                sent.append((before, codes[-1], round(time.monotonic() - t, 2)))
                 refused = shed() > shed_before
-            load_after = httpx.get(full + "/get_load", timeout=60).json()["load"]
+            load_after = load(full)
         finally:
             for stream in streams:
                 stream.__exit__(None, None, None)
@@ -252,8 +265,9 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
         replica_set: ReplicaSet) -> None:
     victim = replica_set.replicas[1]
     ended: list[float] = []
-    def load(url: str) -> int:  # a read can take seconds while both replicas stream (2 cores)
-        return int(httpx.get(url + "/get_load", timeout=30).json()["load"])
+
+    def held_by(url: str) -> int:  # a read can take seconds while both replicas stream
+        return load(url, timeout_s=30)
 
     with httpx.Client(timeout=120) as c:
         streams: list[Any] = []
@@ -271,13 +285,13 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
             next(it)
 
         # the 429 test's aborted streams may still count on replica 0 for a moment
-        wait_for(lambda: all(load(url) == 0 for url in replica_set.replicas), 60,
+        wait_for(lambda: all(held_by(url) == 0 for url in replica_set.replicas), 60,
                  "both replicas idle before the streams open")
         # round robin alternates, but the 429 test's retries move its counter (one run put
         # two consecutive streams on the victim): open streams through the router until
         # each replica holds one
         while len(streams) < 2 or (len(streams) < 6 and min(
-                load(url) for url in replica_set.replicas) == 0):
+                held_by(url) for url in replica_set.replicas) == 0):
             open_stream()
         # and one stream straight to the victim: what the replica itself does when killed
         direct = c.stream("POST", victim + "/v1/chat/completions", headers=KEY,
@@ -285,7 +299,7 @@ def test_killed_replica_fails_fast_survivor_serves_and_restart_is_readmitted(
         direct_lines = direct.__enter__().iter_lines()
         streams.append(direct)
         next(direct_lines)
-        held = [load(url) for url in replica_set.replicas]
+        held = [held_by(url) for url in replica_set.replicas]
         # the victim holds a router stream and the direct one; what the survivor holds is
         # recorded only (two fresh-clone runs read 0 there although a router stream had
         # been placed on it: the assertions below do not depend on it)
