@@ -276,7 +276,8 @@ class TuningSettings(BaseModel):
     )
     min_r2: float = Field(
         default=0.5, ge=0, le=1,
-        description="Fit quality (R^2) below which the static limits are used.",
+        description="Fit quality (R^2) below which the static limits are used; SLO "
+        "admission keeps pricing with the last fit that passed.",
     )
     smoothing: float = Field(
         default=0.3, gt=0, le=1,
