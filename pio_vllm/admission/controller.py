@@ -35,7 +35,8 @@ SLO admission (`slo_policy.py`), where a class has ttft_target_s / tpot_target_s
 step-time model is fitted: each request is priced in engine seconds from its estimated
 prompt and vision tokens; one predicted to miss its TTFT target is refused at arrival (or
 later, once it no longer can make it) instead of admitted to miss; prefill work enters vLLM
-through a bucket that refills as fast as running requests keep their TPOT target, and the
+through a bucket that refills as fast as running requests keep their TPOT target (the step
+model's rate, corrected by the pace running requests are decoding at), and the
 running set is capped where one decode step would exceed it; within a class cheaper
 requests go first (a virtual arrival time later by their work). The controller never
 imports vLLM: it takes numbers (capacity, KV usage, running count, the step model), so
@@ -63,6 +64,7 @@ from pio_vllm.admission.policy import (
 )
 from pio_vllm.admission.slo_policy import (
     MIN_WORK_RATE,
+    DecodePace,
     FirstTokenGroups,
     ServiceCalibration,
     TpotFeedback,
@@ -195,6 +197,7 @@ class AdmissionController:
         self._calibration = ServiceCalibration()
         self._first_tokens = FirstTokenGroups(self._calibration)
         self._tpot_feedback = TpotFeedback()
+        self._pace = DecodePace()
         self._wake: asyncio.TimerHandle | None = None
         self.metrics = AdmissionMetrics(list(classes), registry)
         self._idle = asyncio.Event()
@@ -326,13 +329,10 @@ class AdmissionController:
 
     def observe_finish(self, ticket: Ticket, ttft_s: float | None,
                        tpot_s: float | None) -> None:
-        """A request finished: count it as meeting or missing its class's SLO; whether it
-        kept its TPOT target corrects the work rate (`TpotFeedback`)."""
+        """A request finished: count it as meeting or missing its class's SLO."""
         cls = self._classes[ticket.class_name]
         if cls.ttft_target_s is None and cls.tpot_target_s is None:
             return
-        if cls.tpot_target_s is not None and tpot_s is not None and self._slo_active():
-            self._tpot_feedback.observe(tpot_s <= cls.tpot_target_s)
         met = ttft_s is not None and (cls.ttft_target_s is None or ttft_s <= cls.ttft_target_s)
         met = met and (cls.tpot_target_s is None or tpot_s is None
                        or tpot_s <= cls.tpot_target_s)
@@ -356,15 +356,19 @@ class AdmissionController:
     def capacity(self) -> int:
         return self._capacity
 
-    def update_engine(self, kv_usage: float, running: int) -> None:
-        """vLLM's KV cache usage (0..1) and running requests, from its scheduler stats (every
-        engine step: decisions are re-run only when what they depend on changed)."""
+    def update_engine(self, kv_usage: float, running: int, inter_token_s_total: float = 0.0,
+                      inter_tokens_total: int = 0) -> None:
+        """vLLM's KV cache usage (0..1), running requests and cumulative inter-token times,
+        from its per-step stats (every engine step: decisions are re-run only when what
+        they depend on changed)."""
         watermark = self._settings.kv_high_watermark
         crossed = (kv_usage < watermark) != (self._kv_usage < watermark)
         changed = running != self._running
         self._kv_usage = kv_usage
         self._running = running
-        if crossed or (changed and self._slo_active()):
+        self._pace.record(self._clock(), inter_token_s_total, inter_tokens_total)
+        slo = self._slo_active()
+        if crossed or (slo and (changed or self._pace_verdict(self._clock()))):
             self._pump()
 
     def set_work_model(self, model: WorkModel | None) -> None:
@@ -457,7 +461,20 @@ class AdmissionController:
             ahead_service_s=self._calibration.overall * queued_ahead_s,
             own_service_s=self._service_s(ticket))
 
+    def _pace_verdict(self, now: float) -> bool:
+        """Let the decode pace correct the work rate (once per interval); True if the scale
+        moved."""
+        if self._tpot_target is None:
+            return False
+        kept = self._pace.verdict(now, self._tpot_target)
+        if kept is None:
+            return False
+        before = self._tpot_feedback.scale
+        self._tpot_feedback.observe(kept)
+        return self._tpot_feedback.scale != before
+
     def _refresh_rate(self, now: float) -> None:
+        self._pace_verdict(now)
         if self._model is not None:
             rate = self._model.max_work_rate(
                 self._running, self._tpot_target, self._settings.slo_safety)

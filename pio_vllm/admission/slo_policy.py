@@ -13,8 +13,9 @@ From it:
   of the engine's time, a running request's TPOT is about `d(n) / (1 - rho)`, so work may
   enter at `rho_max = 1 - d(n) / (tpot_target * safety)` engine-seconds per second, with
   a burst of `burst_s` (one large image always fits when nothing else is pending);
-- finished requests correct that rate (`TpotFeedback`): it shrinks while more than a fifth
-  of them miss their TPOT target and recovers while they keep it;
+- the running requests' measured pace corrects that rate (`DecodePace` feeding
+  `TpotFeedback`): it shrinks while more than a fifth of the recent windows miss the TPOT
+  target and recovers while they keep it;
 - a request's predicted TTFT is its wait so far, plus the longer of the time until the
   bucket lets it in (the work queued ahead of it and its own, less what the bucket holds,
   at that rate) and the engine's *backlog* (the admitted work of the same or higher
@@ -31,6 +32,7 @@ From it:
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -65,17 +67,17 @@ class WorkModel:
 
 
 class TpotFeedback:
-    """Scales the work rate by whether finished requests kept their TPOT target.
+    """Scales the work rate by whether decoding kept its TPOT target.
 
     The work rate above is priced from the step model, which misses some of what slows
     decoding: on a CPU the API server shares the cores with the engine, and the fit can
-    find no per-token slope, so a larger decode batch looks free. Each finished request
-    moves the scale: up by `up` when it kept its TPOT target, down by `up ** ((1 - b) / b)`
-    when it missed, with `b = miss_budget`. The scale settles where about `miss_budget` of
-    requests miss (a stochastic quantile tracker); when fewer miss it stays at 1, so an
-    engine that is not overloaded is never slowed."""
+    find no per-token slope, so a larger decode batch looks free. Each verdict (one per
+    `DecodePace` window) moves the scale: up by `up` when the pace kept the TPOT target,
+    down by `up ** ((1 - b) / b)` when it missed, with `b = miss_budget`. The scale settles
+    where about `miss_budget` of verdicts miss (a stochastic quantile tracker); when fewer
+    miss it stays at 1, so an engine that is not overloaded is never slowed."""
 
-    def __init__(self, miss_budget: float = 0.2, up: float = 1.03, floor: float = 0.05
+    def __init__(self, miss_budget: float = 0.2, up: float = 1.05, floor: float = 0.05
                  ) -> None:
         if not 0 < miss_budget < 1:
             raise ValueError(f"miss_budget {miss_budget}: accepted: between 0 and 1")
@@ -87,6 +89,61 @@ class TpotFeedback:
     def observe(self, kept_target: bool) -> None:
         self.scale = min(1.0, max(self._floor,
                                   self.scale * (self._up if kept_target else self._down)))
+
+
+class DecodePace:
+    """The TPOT running requests get now: their mean inter-token time over the last
+    `window_s`, from vLLM's per-step iteration stats (engine-core timestamps, cumulative
+    totals), with one verdict per `interval_s` for `TpotFeedback`.
+
+    Why not the finished requests' TPOT: a request finishes 1-10 s after it was admitted,
+    so on a burst that feedback arrives after the damage (measured, mixed-resolution at 3x
+    capacity: the admissions of the first 8 s ran at TPOT 55-126 ms, and once the misses
+    came in the door stayed nearly shut while TPOT was ~20 ms). The pace reacts within a
+    window. A window is request-weighted like TPOT itself: a step that stalls n running
+    requests counts n times."""
+
+    def __init__(self, window_s: float = 2.0, interval_s: float = 0.25,
+                 min_tokens: int = 8) -> None:
+        self._window_s = window_s
+        self._interval_s = interval_s
+        self._min_tokens = min_tokens
+        self._points: collections.deque[tuple[float, float, int]] = collections.deque()
+        self._next_verdict_at: float | None = None
+
+    def record(self, now: float, itl_total_s: float, itl_count: int) -> None:
+        """The cumulative inter-token seconds and count vLLM has reported so far."""
+        if self._points and itl_count == self._points[-1][2]:
+            return  # no decode token this step (prefill only, or idle)
+        self._points.append((now, itl_total_s, itl_count))
+        while len(self._points) > 2 and self._points[1][0] <= now - self._window_s:
+            self._points.popleft()
+
+    def mean_s(self, now: float) -> float | None:
+        """Mean inter-token time over the window (None: fewer than `min_tokens`)."""
+        start = now - self._window_s
+        if not self._points or self._points[-1][0] < start:
+            return None
+        # the totals at the window's start: the latest point before it (else the oldest)
+        base = self._points[0]
+        for point in self._points:
+            if point[0] > start:
+                break
+            base = point
+        last = self._points[-1]
+        tokens = last[2] - base[2]
+        if tokens < self._min_tokens:
+            return None
+        return (last[1] - base[1]) / tokens
+
+    def verdict(self, now: float, target_s: float) -> bool | None:
+        """Once per interval: whether the window's pace kept `target_s` (True also when
+        too few tokens were decoded to tell: nothing is decoding slowly); None between."""
+        if self._next_verdict_at is not None and now < self._next_verdict_at:
+            return None
+        self._next_verdict_at = now + self._interval_s
+        mean = self.mean_s(now)
+        return mean is None or mean <= target_s
 
 
 class WorkBucket:

@@ -158,7 +158,9 @@ class PioEngine:
             )
             controller = self._admission
             backend.probe.add_listener(
-                lambda st: controller.update_engine(st.kv_cache_usage, st.num_running))
+                lambda st: controller.update_engine(st.kv_cache_usage, st.num_running,
+                                                    st.inter_token_s_total,
+                                                    st.inter_tokens_total))
             backend.probe.add_waiting(lambda: controller.queued_count())
         images = ImageLoader(self._settings.images)
         intake = RequestIntake(

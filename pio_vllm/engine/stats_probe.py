@@ -33,6 +33,9 @@ class EngineStats:
     updated_at: float | None  # monotonic time of the latest report
     generation_tokens_total: int
     preempted_total: int  # vLLM's own KV-pressure preemptions
+    # running requests' inter-token times (vLLM's per-request ITL, engine-core timestamps)
+    inter_token_s_total: float = 0.0
+    inter_tokens_total: int = 0
 
 
 class EngineStatsProbe:
@@ -59,13 +62,17 @@ class EngineStatsProbe:
         prev = self._stats
         gen_tokens = prev.generation_tokens_total
         preempted = prev.preempted_total
+        itl_s, itl_n = prev.inter_token_s_total, prev.inter_tokens_total
         if iteration_stats is not None:
             gen_tokens += int(getattr(iteration_stats, "num_generation_tokens", 0))
             preempted += int(getattr(iteration_stats, "num_preempted_reqs", 0))
+            itls = getattr(iteration_stats, "inter_token_latencies_iter", ())
+            itl_s += float(sum(itls))
+            itl_n += len(itls)
         if scheduler_stats is None:
             self._stats = EngineStats(
                 prev.num_running, prev.num_waiting, prev.kv_cache_usage, prev.steps_seen,
-                prev.updated_at, gen_tokens, preempted,
+                prev.updated_at, gen_tokens, preempted, itl_s, itl_n,
             )
             return
         self._stats = EngineStats(
@@ -77,6 +84,8 @@ class EngineStatsProbe:
             updated_at=self._clock(),
             generation_tokens_total=gen_tokens,
             preempted_total=preempted,
+            inter_token_s_total=itl_s,
+            inter_tokens_total=itl_n,
         )
         for listener in self._listeners:
             listener(self._stats)

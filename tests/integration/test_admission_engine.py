@@ -352,3 +352,21 @@ async def test_a_shed_request_never_reaches_image_intake(engine: PioEngine) -> N
         await engine.complete(bad)
     await assert_vllm_idle(engine)
     assert admission.held_state()["waiting"] == 0
+
+
+async def test_probe_counts_each_decoded_token_s_inter_token_time(engine: PioEngine) -> None:
+    """What SLO admission's decode pace reads: vLLM's per-request inter-token times, one per
+    token after the first, summing to about the request's decode time."""
+    await assert_vllm_idle(engine)
+    probe = engine.backend.probe
+    before = probe.snapshot()
+    result = await engine.complete(PioRequest(
+        prompt="count slowly", sampling={"max_tokens": 12, "ignore_eos": True}))
+    after = probe.snapshot()
+    assert result.ok and result.output_tokens == 12
+    assert after.inter_tokens_total - before.inter_tokens_total == 11
+    decoded_s = after.inter_token_s_total - before.inter_token_s_total
+    decode_s = result.timings.decode_s
+    assert decode_s is not None
+    # engine-core timestamps against the frontend's: equal up to output-handling jitter
+    assert 0.5 * decode_s < decoded_s < 1.5 * decode_s + 0.05

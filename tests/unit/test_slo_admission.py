@@ -11,6 +11,7 @@ import pytest
 
 from pio_vllm.admission.controller import AdmissionController, Release
 from pio_vllm.admission.slo_policy import (
+    DecodePace,
     FirstTokenGroups,
     ServiceCalibration,
     TpotFeedback,
@@ -295,24 +296,52 @@ def test_tpot_feedback_settles_where_a_tenth_miss() -> None:
         TpotFeedback(miss_budget=1.5)
 
 
-async def test_requests_missing_their_tpot_slow_the_work_rate() -> None:
+def test_decode_pace_is_the_windowed_mean_inter_token_time() -> None:
+    pace = DecodePace(window_s=2.0, interval_s=0.25, min_tokens=8)
+    assert pace.mean_s(0.0) is None  # nothing decoded
+    total_s = count = 0.0
+    for step in range(40):  # 10 running requests, 20 ms steps, then 100 ms steps
+        itl = 0.02 if step < 20 else 0.1
+        total_s, count = total_s + 10 * itl, count + 10
+        pace.record(step * 0.1, total_s, int(count))
+    # the window (1.9 s, 3.9 s]: steps 20-39, all at 100 ms
+    assert pace.mean_s(3.9) == pytest.approx(0.1)
+    assert pace.mean_s(3.0) == pytest.approx((10 * 0.1) / 10)  # the totals at 1.0 -> 3.0
+    assert pace.verdict(3.9, 0.06) is False  # too slow
+    assert pace.verdict(4.0, 0.06) is None  # one verdict per interval
+    assert pace.verdict(4.2, 0.2) is True
+    pace.record(4.2, total_s, int(count))  # a step with no decode token changes nothing
+    assert pace.mean_s(4.0) == pytest.approx(0.1)
+    assert pace.mean_s(10.0) is None  # the window is empty: nothing is decoding
+    assert pace.verdict(10.0, 0.06) is True
+
+
+async def test_a_slow_decode_pace_slows_the_work_rate_and_a_fast_one_restores_it() -> None:
     clock = FakeClock()
     ctl = slo_controller(clock)
-    ctl.update_engine(0.1, 40)
     eng = FakeEngine(ctl)
     model_rate = MODEL.max_work_rate(40, 0.06, 0.8)
+    itl_s = itl_n = 0
+    ctl.update_engine(0.1, 40, itl_s, itl_n)
     first = submit(ctl, eng, "first", "standard")
     await settle()
     assert ctl.stats().slo.work_rate == pytest.approx(model_rate)
-    for i in range(3):  # three requests finish with TPOT 90 ms (target 60 ms)
-        t = submit(ctl, eng, f"slow{i}", "standard")
-        await settle()
-        ctl.observe_finish(t, 0.5, 0.09)  # type: ignore[arg-type]
-        eng.finish(t)  # type: ignore[arg-type]
+    for _ in range(12):  # three seconds of 40 running requests decoding at 90 ms per token
+        clock.now += 0.25
+        itl_s, itl_n = itl_s + 40 * 0.09 * 2.5, itl_n + 40 * 2.5
+        ctl.update_engine(0.1, 40, itl_s, int(itl_n))
     submit(ctl, eng, "next", "standard")
     await settle()
-    # the default budget is a fifth: each miss scales by 1.03 ** -4
-    assert ctl.stats().slo.tpot_scale == pytest.approx(1.03 ** -12)
-    assert ctl.stats().slo.work_rate == pytest.approx(model_rate * 1.03 ** -12)
-    ctl.observe_finish(first, 0.5, 0.03)  # type: ignore[arg-type]  # kept it: recovers
-    assert ctl.stats().slo.tpot_scale == pytest.approx(1.03 ** -11)
+    # target 60 ms, the default budget is a fifth: each slow window scales by 1.05 ** -4
+    assert ctl.stats().slo.tpot_scale == pytest.approx(1.05 ** -48)
+    assert ctl.stats().slo.work_rate == pytest.approx(model_rate * 1.05 ** -48)
+    # the finished requests' own TPOT no longer moves it (it comes seconds too late)
+    ctl.observe_finish(first, 0.5, 0.2)  # type: ignore[arg-type]
+    assert ctl.stats().slo.tpot_scale == pytest.approx(1.05 ** -48)
+    for _ in range(24):  # decoding at 40 ms: each window that keeps the target recovers
+        clock.now += 0.25
+        itl_s, itl_n = itl_s + 40 * 0.04 * 2.5, itl_n + 40 * 2.5
+        ctl.update_engine(0.1, 40, itl_s, int(itl_n))
+    # the first four 2 s windows still hold enough 90 ms steps to miss (the scale stops at
+    # its floor, 0.05: work still enters); the next 20 keep the target
+    assert ctl.stats().slo.tpot_scale == pytest.approx(0.05 * 1.05 ** 20)
