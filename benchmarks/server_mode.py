@@ -163,12 +163,12 @@ def _data_urls(images: list[Any]) -> list[str]:
 
 async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                  slo: Slo | None, concurrency: int | None,
-                 headers: dict[str, str] | None = None, wait_for_model: bool = True
+                 headers: dict[str, str] | None = None, wait_for_model: float | None = 0.5
                  ) -> dict[str, Any]:
     """Replay `work` against a running server after the shared warm-up; `headers` go with
     every request (an API key, for instance); `wait_for_model`: give pio's SLO admission up
-    to 15 s after the warm-up to fit its step model (a config without SLO targets has none
-    to wait for)."""
+    to 15 s after the warm-up to fit a step model with at least this R^2 (the server's
+    tuning.min_r2; None: do not wait, as for a config without SLO targets)."""
     import httpx
 
     images = {rid: _data_urls(imgs)
@@ -226,8 +226,8 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
             return row
 
         await warm_up(work, submit)  # the same warm-up as in-process (harness.warmup_work)
-        if kind == "pio" and wait_for_model:
-            await _model_fitted(client)
+        if kind == "pio" and wait_for_model is not None:
+            await _model_fitted(client, wait_for_model)
         metrics_before = (await client.get("/metrics")).text
         rows, wall = await _replay(work, submit, concurrency)
         metrics = (await client.get("/metrics")).text
@@ -252,15 +252,18 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
     return result
 
 
-async def _model_fitted(client: Any, timeout_s: float = 15.0) -> None:
-    """Wait (bounded) until pio exports a fitted step-time model (SLO admission prices with
-    it); a config without SLO targets never does, so this only delays such a run."""
+async def _model_fitted(client: Any, min_r2: float, timeout_s: float = 15.0) -> None:
+    """Wait (bounded) until pio exports a step-time model good enough to price with (R^2
+    at least the config's tuning.min_r2: SLO admission's own test)."""
     deadline = time.monotonic() + timeout_s
+    r2 = None
     while time.monotonic() < deadline:
         r2 = _counter((await client.get("/metrics")).text, "pio_step_model_r2")
-        if r2:
+        if r2 is not None and r2 >= min_r2:
             return
         await asyncio.sleep(0.5)
+    print(f"warning: pio's step-time model has R^2 {r2} < {min_r2} after the warm-up; SLO "
+          "admission starts inactive", file=sys.stderr)
 
 
 def _counter(text: str, name: str, label: str = "") -> float | None:
@@ -274,9 +277,11 @@ def run_server_side(kind: str, settings_path: str, work: list[BenchRequest],
                     slo: Slo | None, concurrency: int | None, log_dir: Path) -> dict[str, Any]:
     from pio_vllm.settings import PioSettings
 
-    model = PioSettings.load(settings_path).model
+    settings = PioSettings.load(settings_path)
     proc, base = start(kind, settings_path, log_dir / f"{kind}-server.log")
     try:
-        return asyncio.run(replay(kind, base, model, work, slo, concurrency))
+        return asyncio.run(replay(kind, base, settings.model, work, slo, concurrency,
+                                  wait_for_model=settings.tuning.min_r2
+                                  if settings.slo_admission_on() else None))
     finally:
         stop(proc)

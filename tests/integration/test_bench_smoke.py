@@ -64,7 +64,7 @@ def test_server_mode_replay_against_a_live_pio_server(server: Server) -> None:
     work = [replace(req, priority_class="standard", level=1) for req in generate(SMOKE)]
     result = asyncio.run(replay("pio", server.base_url, MODEL, work, Slo(5.0, 0.5), None,
                                 headers={"Authorization": "Bearer key-plain"},
-                                wait_for_model=False))
+                                wait_for_model=None))
     assert result["requests"] == 10 and result["ok"] + result["shed_429"] == 10
     assert result["ok"] >= 8, result["errors"]
     assert result["ttft_p50_s"] > 0 and result["output_tok_per_s"] > 0
