@@ -66,6 +66,7 @@ from pio_vllm.admission.slo_policy import (
     MIN_WORK_RATE,
     DecodePace,
     FirstTokenGroups,
+    PrepTimes,
     ServiceCalibration,
     TpotFeedback,
     WorkBucket,
@@ -136,6 +137,8 @@ class SloStats:
     calibration: float  # actual / modelled service time, running, over all sizes
     # seconds per vision token (text: per request) by size class (slo_policy.size_class)
     service_s_by_size: dict[int, float]
+    # seconds from grant to hand-over to vLLM (rendering, image processing) by size class
+    prep_s_by_size: dict[int, float]
     backlog_s: float  # engine seconds of admitted work still to run before a first token
 
 
@@ -196,6 +199,7 @@ class AdmissionController:
         self._bucket = WorkBucket(settings.work_burst_s, clock())
         self._calibration = ServiceCalibration()
         self._first_tokens = FirstTokenGroups(self._calibration)
+        self._prep = PrepTimes()
         self._tpot_feedback = TpotFeedback()
         self._pace = DecodePace()
         self._wake: asyncio.TimerHandle | None = None
@@ -282,6 +286,8 @@ class AdmissionController:
             return
         ticket.state = TicketState.IN_ENGINE
         ticket.started_at = self._clock()
+        if ticket.granted_at is not None:
+            self._prep.observe(ticket.vision_tokens, ticket.started_at - ticket.granted_at)
         self.metrics.add_preparing(ticket.class_name, -1)
         self._pump()
 
@@ -459,7 +465,8 @@ class AdmissionController:
             entry_s=self._bucket.wait_s(ticket.work_s, now, ahead_s=queued_ahead_s),
             backlog_s=self._backlog(ticket.level, now),
             ahead_service_s=self._calibration.overall * queued_ahead_s,
-            own_service_s=self._service_s(ticket))
+            own_service_s=self._service_s(ticket),
+            prep_s=self._prep.prep_s(ticket.vision_tokens))
 
     def _pace_verdict(self, now: float) -> bool:
         """Let the decode pace correct the work rate (once per interval); True if the scale
@@ -547,8 +554,11 @@ class AdmissionController:
     def _grant(self, ticket: Ticket, now: float) -> None:
         if self._slo_active():
             self._bucket.take(ticket.work_s, now)
-            ticket.predicted_ttft_s = (now - ticket.arrival_at + self._backlog(ticket.level, now)
-                                       + self._service_s(ticket))
+            ticket.predicted_ttft_s = predicted_ttft_s(
+                waited_s=now - ticket.arrival_at, entry_s=0.0,
+                backlog_s=self._backlog(ticket.level, now), ahead_service_s=0.0,
+                own_service_s=self._service_s(ticket),
+                prep_s=self._prep.prep_s(ticket.vision_tokens))
         self._unqueue(ticket)
         ticket.state = TicketState.PREPARING
         ticket.granted_at = now
@@ -641,6 +651,7 @@ class AdmissionController:
             tpot_scale=self._tpot_feedback.scale,
             max_running=self._max_running(), calibration=self._calibration.overall,
             service_s_by_size=self._calibration.by_size(),
+            prep_s_by_size=self._prep.by_size(),
             backlog_s=self._backlog(max((c.level for c in self._classes.values()), default=0),
                                     self._clock()))
         return AdmissionStats(

@@ -13,6 +13,7 @@ from pio_vllm.admission.controller import AdmissionController, Release
 from pio_vllm.admission.slo_policy import (
     DecodePace,
     FirstTokenGroups,
+    PrepTimes,
     ServiceCalibration,
     TpotFeedback,
     WorkBucket,
@@ -146,6 +147,42 @@ async def test_prediction_counts_the_remaining_backlog_and_learns_service_times(
     later = submit(ctl, eng, "later", "standard", vision=1344)
     await settle()
     assert later.predicted_ttft_s == pytest.approx(0.9)  # type: ignore[attr-defined]
+
+
+def test_preparation_time_is_learnt_per_size_and_overlaps_the_backlog() -> None:
+    prep = PrepTimes(smoothing=0.5)
+    assert prep.prep_s(300) == 0.0  # nothing seen yet
+    prep.observe(0, 0.004)
+    prep.observe(300, 0.1)
+    prep.observe(300, 0.2)
+    assert prep.prep_s(300) == pytest.approx(0.15)  # running mean
+    assert prep.prep_s(1344) == pytest.approx(0.15)  # unseen size: the nearest smaller
+    assert prep.prep_s(64) == pytest.approx(0.004)
+    # the request is prepared while the engine works through its backlog
+    assert predicted_ttft_s(waited_s=0.0, entry_s=0.0, backlog_s=0.5, ahead_service_s=0.0,
+                            own_service_s=0.1, prep_s=0.15) == pytest.approx(0.6)
+    assert predicted_ttft_s(waited_s=0.0, entry_s=0.2, backlog_s=0.1, ahead_service_s=0.0,
+                            own_service_s=0.1, prep_s=0.15) == pytest.approx(0.45)
+
+
+async def test_the_grant_prediction_adds_the_preparation_an_idle_engine_waits_for() -> None:
+    clock = FakeClock()
+    ctl = slo_controller(clock)
+    eng = FakeEngine(ctl)
+    first = submit(ctl, eng, "first", "standard", vision=300)
+    await settle()
+    clock.now += 0.12  # rendering and image processing before vLLM has it
+    eng.start(first)  # type: ignore[arg-type]
+    clock.now += 0.2
+    ctl.observe_ttft(first, 0.32)  # type: ignore[arg-type]
+    eng.finish(first)  # type: ignore[arg-type]
+    assert ctl.stats().slo.prep_s_by_size == {size_class(300): pytest.approx(0.12)}
+    clock.now += 5.0  # the engine is idle: nothing ahead
+    second = submit(ctl, eng, "second", "standard", vision=300)
+    await settle()
+    # (its first token alone scores no service time yet: the modelled work stands in)
+    service = MODEL.work_s(320, 300)
+    assert second.predicted_ttft_s == pytest.approx(0.12 + service)  # type: ignore[attr-defined]
 
 
 async def test_requests_predicted_to_miss_are_refused_at_arrival() -> None:
