@@ -23,7 +23,7 @@ from typing import Any
 from pio_vllm.admission.metrics import percentile
 
 # pio's admission event counters a side reports (over the run, the warm-up subtracted)
-ADMISSION_EVENTS = ("admitted", "deferred", "shed", "expired", "slo_met", "slo_missed")
+ADMISSION_EVENTS = ("admitted", "deferred", "shed", "late", "expired", "slo_met", "slo_missed")
 PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 

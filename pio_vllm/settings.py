@@ -20,7 +20,7 @@ from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -73,6 +73,13 @@ class PriorityClass(BaseModel):
         description="SLO: mean time per output token after the first (None: no SLO). With "
         "admission.slo_admission, new work enters the engine only as fast as running "
         "requests keep this.",
+    )
+    infeasible: Literal["shed", "serve_late"] = Field(
+        default="shed",
+        description="What SLO admission does with a request predicted to miss ttft_target_s: "
+        "shed (refuse it at once: 429 + Retry-After, a typed error in-process) or serve_late "
+        "(keep it, without its SLO, behind all work that can still meet one, in pio's queue "
+        "and in vLLM's; for batch work that must be served even when late).",
     )
 
 

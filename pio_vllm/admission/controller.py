@@ -122,6 +122,8 @@ class Ticket:
     work_s: float = 0.0  # engine seconds of its prefill, from the step model (SLO admission)
     started_at: float | None = None  # handed to vLLM
     predicted_ttft_s: float | None = None  # at its grant, arrival to first token
+    late: bool = False  # predicted to miss its TTFT target and kept (serve_late): no SLO
+    rationed: bool = True  # its work was taken from the work bucket at its grant
     _future: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -177,6 +179,8 @@ class AdmissionController:
         self._settings = settings
         self._classes = classes
         self._default_class = default_class
+        # where late requests go: below every class, in pio's queue and in vLLM's
+        self._late_level = max((c.level for c in classes.values()), default=0) + 1
         self._policy = AdmissionPolicy(aging_s_per_level=settings.aging_s_per_level)
         self._capacity = capacity
         self._max_preparing = settings.max_preparing
@@ -299,7 +303,7 @@ class AdmissionController:
         old = ticket.work_s
         ticket.prompt_tokens, ticket.vision_tokens = prompt_tokens, vision_tokens
         self._price(ticket)
-        if self._slo_active():
+        if self._slo_active() and ticket.rationed:
             self._bucket.refund(old - ticket.work_s, self._clock())
 
     def release(self, ticket: Ticket, outcome: Release) -> None:
@@ -308,7 +312,7 @@ class AdmissionController:
             return
         if ticket.state is TicketState.PREPARING:
             self.metrics.add_preparing(ticket.class_name, -1)
-            if self._slo_active():  # it never reached vLLM: its work was not spent
+            if self._slo_active() and ticket.rationed:  # it never reached vLLM: not spent
                 self._bucket.refund(ticket.work_s, self._clock())
         ticket.state = TicketState.DONE
         self.metrics.add_running(ticket.class_name, -1)
@@ -441,11 +445,14 @@ class AdmissionController:
             drain_started_at = max(drain_started_at, last_first_token)
         return backlog_s(sum(self._service_s(t) for t in ahead), drain_started_at, now)
 
-    def _may_grant(self, ticket: Ticket) -> bool:
+    def _may_grant(self, ticket: Ticket, unrationed: bool = False) -> bool:
+        """`unrationed`: late work with no SLO work in the engine, bounded by capacity only
+        (not by the running-set cap that keeps TPOT)."""
         slots, preparing = self._past_queue(ticket.level)
         if preparing >= self._max_preparing and ticket.level != self._unbounded_level:
             return False
-        if slots and slots + ticket.slots > self._effective_capacity():
+        capacity = self._capacity if unrationed else self._effective_capacity()
+        if slots and slots + ticket.slots > capacity:
             return False
         if self._kv_usage < self._settings.kv_high_watermark:
             return True
@@ -471,8 +478,8 @@ class AdmissionController:
     def _pace_verdict(self, now: float) -> bool:
         """Let the decode pace correct the work rate (once per interval); True if the scale
         moved."""
-        if self._tpot_target is None:
-            return False
+        if self._tpot_target is None or not self._slo_work_granted():
+            return False  # nothing whose TPOT is kept is decoding
         kept = self._pace.verdict(now, self._tpot_target)
         if kept is None:
             return False
@@ -504,10 +511,16 @@ class AdmissionController:
             if slo and ticket.ttft_target_s is not None:
                 predicted = self._predict(ticket, now, queued_ahead_s)
                 if predicted > ticket.ttft_target_s:
-                    self._reject(ticket, predicted)
+                    if self._classes[ticket.class_name].infeasible == "serve_late":
+                        self._serve_late(ticket)
+                        self._wake_after(0.0)  # its place in the order changed
+                    else:
+                        self._reject(ticket, predicted)
                     continue
-            granted = self._may_grant(ticket)
-            if granted and slo and self._granted and not self._bucket.fits(
+            # Late work with no SLO work in the engine has no one's TPOT to keep.
+            unrationed = ticket.late and not self._slo_work_granted()
+            granted = self._may_grant(ticket, unrationed)
+            if granted and slo and self._granted and not unrationed and not self._bucket.fits(
                     ticket.work_s, now) and not any(
                     t.level > ticket.level for t in self._granted.values()):
                 # Work enters as fast as running requests keep their TPOT target; a
@@ -516,7 +529,7 @@ class AdmissionController:
                 granted = False
                 self._wake_after(self._bucket.wait_s(ticket.work_s, now))
             if granted:
-                self._grant(ticket, now)
+                self._grant(ticket, now, take_work=not unrationed)
             else:
                 queued_ahead_s += ticket.work_s
                 blocked_level = ticket.level if blocked_level is None else min(
@@ -551,9 +564,25 @@ class AdmissionController:
         if ticket._future is not None and not ticket._future.done():
             ticket._future.set_exception(error)
 
-    def _grant(self, ticket: Ticket, now: float) -> None:
+    def _serve_late(self, ticket: Ticket) -> None:
+        """Its class serves infeasible requests late: the ticket drops its TTFT target and
+        goes behind all work that can still meet one, in pio's queue and in vLLM's (where
+        pio's scheduler preempts it first)."""
+        ticket.late = True
+        ticket.level = self._late_level
+        ticket.ttft_target_s = None
+        self.metrics.count(ticket.class_name, Event.LATE)
+
+    def _slo_work_granted(self) -> bool:
+        """Whether a request with a TPOT target (not served late) is past the queue."""
+        return any(not t.late and self._classes[t.class_name].tpot_target_s is not None
+                   for t in self._granted.values())
+
+    def _grant(self, ticket: Ticket, now: float, take_work: bool = True) -> None:
         if self._slo_active():
-            self._bucket.take(ticket.work_s, now)
+            ticket.rationed = take_work
+            if take_work:
+                self._bucket.take(ticket.work_s, now)
             ticket.predicted_ttft_s = predicted_ttft_s(
                 waited_s=now - ticket.arrival_at, entry_s=0.0,
                 backlog_s=self._backlog(ticket.level, now), ahead_service_s=0.0,
@@ -597,7 +626,10 @@ class AdmissionController:
                 t.work_s for t in self._waiting.values()
                 if self._policy.effective_level(self._view(t), now) <= mine)
             predicted = self._predict(ticket, now, queued_ahead_s)
-            if predicted > ticket.ttft_target_s:
+            if predicted > ticket.ttft_target_s and (
+                    self._classes[ticket.class_name].infeasible == "serve_late"):
+                self._serve_late(ticket)
+            elif predicted > ticket.ttft_target_s:
                 ticket.state = TicketState.DONE
                 self.metrics.count(ticket.class_name, Event.SHED)
                 retry_after = max(0.1, predicted - ticket.ttft_target_s)

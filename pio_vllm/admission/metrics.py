@@ -33,6 +33,8 @@ class Event(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     SHED = "shed"
+    # predicted to miss its TTFT target, kept to be served late (class infeasible: serve_late)
+    LATE = "late"
     EXPIRED = "expired"
     PREEMPTED = "preempted"  # by pio's scheduler inside vLLM (counted when a request ends)
     SLO_MET = "slo_met"  # finished within its class's TTFT and TPOT targets
@@ -61,6 +63,7 @@ class ClassStats:
     failed: int
     cancelled: int
     shed: int
+    late: int  # predicted to miss its TTFT target, served late (infeasible: serve_late)
     expired: int
     preempted: int
     slo_met: int
@@ -182,6 +185,7 @@ class AdmissionMetrics:
                 admitted=e[Event.ADMITTED], deferred=e[Event.DEFERRED],
                 completed=e[Event.COMPLETED],
                 failed=e[Event.FAILED], cancelled=e[Event.CANCELLED], shed=e[Event.SHED],
+                late=e[Event.LATE],
                 expired=e[Event.EXPIRED], preempted=e[Event.PREEMPTED],
                 slo_met=e[Event.SLO_MET], slo_missed=e[Event.SLO_MISSED],
                 ttft_prediction_error_p50=percentile(c.prediction_error, 50),

@@ -116,9 +116,10 @@ class RequestRunner:
         delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
         finished = False
         try:
+            # a request admission serves late goes to vLLM below every class
+            level = trace.level if ticket is None else ticket.level
             stream = self._backend.generate(
-                submission.prompt, params, trace.request_id, trace.level,
-                **submission.vllm_kwargs)
+                submission.prompt, params, trace.request_id, level, **submission.vllm_kwargs)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     self._observe(trace, ticket, out, delta)

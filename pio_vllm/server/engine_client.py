@@ -106,6 +106,8 @@ class PioEngineClient(EngineClient):
                 deadline_at, ticket = served.deadline_at, served.take_ticket()
             kwargs.pop("prompt_text", None)  # AsyncLLM derives it from the rendered prompt
             vllm_kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            if ticket is not None:
+                level = ticket.level  # admission may have moved it behind (served late)
             async for out in self._pio.generate_rendered(
                 prompt, sampling_params, request_id, priority=level,
                 priority_class=class_name, ticket=ticket, deadline_at=deadline_at,

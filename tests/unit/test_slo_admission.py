@@ -208,6 +208,49 @@ async def test_requests_predicted_to_miss_are_refused_at_arrival() -> None:
     assert "b" not in eng.shed
 
 
+async def test_a_serve_late_class_keeps_infeasible_requests_behind_work_that_can_meet_it(
+) -> None:
+    clock = FakeClock()
+    classes = {**SLO, "standard": SLO["standard"].model_copy(
+        update={"infeasible": "serve_late"})}
+    ctl = AdmissionController(AdmissionSettings(max_preparing=64), classes, "standard", 64,
+                              clock=clock)
+    ctl.set_work_model(MODEL)
+    eng = FakeEngine(ctl)
+    bigs = [submit(ctl, eng, f"big{i}", "standard", vision=1344) for i in range(5)]
+    await settle()
+    assert eng.granted == ["big0"]  # the 1 s work bucket lets one 0.75 s image in
+    # 3 s of encoder work queued ahead: a sixth image would miss 3 s; its class keeps it
+    late = submit(ctl, eng, "late", "standard", vision=1344)
+    await settle()
+    assert not eng.shed
+    assert late.late and late.ttft_target_s is None  # type: ignore[attr-defined]
+    assert late.level == 3  # type: ignore[attr-defined]  # below batch (2): vLLM's too
+    lates = [t.request_id for t in [*bigs, late] if t.late]  # type: ignore[attr-defined]
+    assert lates[-1] == "late" and ctl.stats().classes["standard"].late == len(lates)
+    # a batch request (no SLO) that arrives later still goes before it
+    submit(ctl, eng, "b", "batch", text=20)
+    await settle()
+    for _ in range(20):  # the engine works: each granted image starts and finishes
+        for t in [*bigs, late]:
+            if t.request_id in eng.granted and t.state.value != "done":  # type: ignore[attr-defined]
+                eng.start(t)  # type: ignore[arg-type]
+                ctl.observe_ttft(t, 0.8)  # type: ignore[arg-type]
+                eng.finish(t)  # type: ignore[arg-type]
+        await settle()
+        if "late" in eng.granted:
+            break
+        clock.now += 0.5
+        ctl.poke()
+        await settle()
+    assert set(eng.granted) == {"big0", "big1", "big2", "big3", "big4", "b", "late"}
+    # every request that could still meet an SLO went first, the late ones after
+    assert eng.granted[-len(lates):] == lates
+    # late work enters without rationing once no SLO work is in the engine: the bucket,
+    # drained by the last image, did not hold it back
+    assert not late.rationed  # type: ignore[attr-defined]
+
+
 async def test_work_enters_at_the_tpot_rate_and_queued_requests_that_can_no_longer_make_it_are_shed(
 ) -> None:
     clock = FakeClock()
