@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,34 +132,42 @@ def _round(x: float | None) -> float | None:
 WARMUP_SHAPES = ((224, 224), (448, 336), (320, 240))  # a workload without images
 
 
-def warmup_work(work: list[BenchRequest]) -> list[BenchRequest]:
-    """The same warm-up for both sides before the measured run: three text requests and one
-    image request per image size the workload uses (at least five, at most eight), 16
-    tokens each, in two waves. It pays one-time costs (first image, first batch shapes),
-    gives pio's step-time model the ~32 engine steps it fits on and its service times one
-    sample of each size, so the run starts as a long-running server would (with only
-    224x224 to 448x336 in the warm-up, the first 1344x1008 of a mixed-resolution run was
-    predicted at 0.63 s from the smaller sizes' ratio and took 2.0 s). The images are not
-    the workload's (other pixels: no cache is primed); the class is the workload's
-    lowest."""
+def warmup_work(work: list[BenchRequest]) -> list[list[BenchRequest]]:
+    """The same warm-up for both sides before the measured run, in three waves of 16-token
+    requests: two with three text requests and one image per image size the workload uses
+    (at least five, at most eight), then one text request and one image per size. The first
+    two pay one-time costs (first image, first batch shapes) and give pio's step-time model
+    the ~32 engine steps it fits on; the third runs once pio's model is fitted (`warm_up`'s
+    `ready`), so its service times have a sample of each size as a long-running server's
+    would (requests served before the fit teach nothing; without them a burst's first
+    images were priced from text's ratio, 0.64 s for a 448x336 image served in 0.35 s). The
+    images are not the workload's (other pixels: no cache is primed); the class is the
+    workload's lowest."""
     low = max(work, key=lambda r: r.level) if work else BenchRequest("", "standard", 1, "", 0, 0)
-    shapes = list(dict.fromkeys((w, h) for r in work for w, h, _ in r.images))[:8]
-    shapes = shapes or list(WARMUP_SHAPES)
+    distinct = list(dict.fromkeys((w, h) for r in work for w, h, _ in r.images))[:8]
+    shapes = list(distinct or WARMUP_SHAPES)
     while len(shapes) < 5:
         shapes += shapes[:5 - len(shapes)]
-    images: list[tuple[tuple[int, int, int], ...]] = [
-        ((w, h, 900_001 + i),) for i, (w, h) in enumerate(shapes)]
+    seeds = itertools.count(900_001)
+    images = [((w, h, next(seeds)),) for w, h in shapes]
     half = (len(images) + 1) // 2
-    sizes = [(), *images[:half], (), (), *images[half:]]
-    return [BenchRequest(f"warmup-{i}", low.priority_class, low.level, f"warm up {i}", 16,
-                         0.0, imgs) for i, imgs in enumerate(sizes)]
+    waves: list[list[tuple[tuple[int, int, int], ...]]] = [
+        [(), *images[:half]], [(), (), *images[half:]],
+        [(), *(((w, h, next(seeds)),) for w, h in distinct or WARMUP_SHAPES)]]
+    count = itertools.count()
+    return [[BenchRequest(f"warmup-{i}", low.priority_class, low.level, f"warm up {i}", 16,
+                          0.0, imgs) for imgs in wave for i in [next(count)]]
+            for wave in waves]
 
 
-async def warm_up(work: list[BenchRequest], submit: Any) -> None:
-    """Run `warmup_work(work)` through a side's `submit` (rows are discarded)."""
-    warm = warmup_work(work)
-    half = len(warm) // 2
-    for wave in (warm[:half], warm[half:]):
+async def warm_up(work: list[BenchRequest], submit: Any,
+                  ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run `warmup_work(work)` through a side's `submit` (rows are discarded); `ready`
+    (pio: its step model is fitted) is awaited before the last wave."""
+    waves = warmup_work(work)
+    for i, wave in enumerate(waves):
+        if i == len(waves) - 1 and ready is not None:
+            await ready()
         rows = await asyncio.gather(*(submit(r, time.perf_counter()) for r in wave))
         failed = [r for r in rows if not r.get("ok")]
         if failed:
@@ -232,7 +242,7 @@ async def run_plain(settings_path: str, work: list[BenchRequest],
     plain = settings.model_copy(update={
         "tuning": settings.tuning.model_copy(update={"enabled": False})})
     llm = AsyncLLM.from_engine_args(build_engine_args(plain, resolve_model(settings)))
-    images = make_images(work + warmup_work(work))
+    images = make_images(work + [r for wave in warmup_work(work) for r in wave])
 
     async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0)
@@ -299,7 +309,7 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
     from pio_vllm.settings import PioSettings
 
     settings = PioSettings.load(settings_path)
-    images = make_images(work + warmup_work(work))
+    images = make_images(work + [r for wave in warmup_work(work) for r in wave])
     async with PioEngine(settings) as engine:
         async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
             ttft, n, pre, first_at, gaps, last, intake = None, 0, 0, None, [], None, None
@@ -331,8 +341,7 @@ async def run_pio(settings_path: str, work: list[BenchRequest],
                     "first_at": first_at, "done_at": done, "intake_s": intake,
                     "e2e_s": done - t_arrival, "error": error}
 
-        await warm_up(work, submit)
-        await _model_fitted(engine)
+        await warm_up(work, submit, ready=lambda: _model_fitted(engine))
         before = _event_counts(engine.stats())
         rows, wall = await _replay(work, submit, concurrency)
         stats = engine.stats()

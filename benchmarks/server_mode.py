@@ -171,8 +171,8 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
     tuning.min_r2; None: do not wait, as for a config without SLO targets)."""
     import httpx
 
-    images = {rid: _data_urls(imgs)
-              for rid, imgs in make_images(work + warmup_work(work)).items()}
+    warm = [r for wave in warmup_work(work) for r in wave]
+    images = {rid: _data_urls(imgs) for rid, imgs in make_images(work + warm).items()}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits,
                                  headers=headers) as client:
@@ -225,9 +225,11 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                        tpot_s=_tpot(row["first_at"], done, row["output_tokens"]))
             return row
 
-        await warm_up(work, submit)  # the same warm-up as in-process (harness.warmup_work)
-        if kind == "pio" and wait_for_model is not None:
-            await _model_fitted(client, wait_for_model)
+        min_r2 = wait_for_model if kind == "pio" else None
+        # the same warm-up as in-process (harness.warmup_work); pio's last wave waits for
+        # its step model
+        await warm_up(work, submit, ready=None if min_r2 is None
+                      else lambda: _model_fitted(client, min_r2))
         metrics_before = (await client.get("/metrics")).text
         rows, wall = await _replay(work, submit, concurrency)
         metrics = (await client.get("/metrics")).text

@@ -246,8 +246,22 @@ class ServiceCalibration:
         return max(1, vision_tokens)
 
     def service_s(self, vision_tokens: int, work_s: float) -> float:
-        """Predicted service time of a request with `vision_tokens` and modelled `work_s`."""
-        by_size = self._by_size.get(size_class(vision_tokens))
+        """Predicted service time of a request with `vision_tokens` and modelled `work_s`.
+
+        A size class without samples: an image takes the nearest image size's seconds per
+        vision token (the smaller one if equally near), or the model's work before any
+        image was served; text the model's work times the overall ratio. Not the overall
+        ratio for an image: text dominates it (7.7x measured after a burst's first text
+        requests, where the model prices text at almost nothing, against ~0.7-1.2x for
+        images), which priced a burst's first 448x336 images at ~0.64 s each and shed
+        interactive requests that were then served in 0.35 s."""
+        key = size_class(vision_tokens)
+        by_size = self._by_size.get(key)
+        if by_size is None and key > 0:
+            images = [k for k in self._by_size if k > 0]
+            if not images:
+                return work_s
+            by_size = self._by_size[min(images, key=lambda k: (abs(k - key), k))]
         if by_size is None:
             return self._all.ratio * work_s
         return by_size.ratio * self._units(vision_tokens)

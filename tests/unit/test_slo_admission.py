@@ -83,12 +83,17 @@ def test_service_time_is_learnt_per_request_size() -> None:
     assert cal.service_s(1344, 0.6) == 0.6 and cal.samples == 0  # the model's, at first
     cal.observe(0, 0.01, 0.03)  # text: its first token waits for a step the model misses
     assert cal.service_s(0, 0.02) == pytest.approx(0.03)  # per request, whatever the model
+    # no image served yet: the model's work, not the overall ratio (text's 3x, here)
+    assert cal.service_s(1344, 0.6) == pytest.approx(0.6)
+    assert cal.service_s(0, 0.01) == pytest.approx(0.03)
     cal.observe(1344, 0.6, 1.2)
     assert cal.service_s(1100, 0.1) == pytest.approx(1100 * 1.2 / 1344)  # per vision token
     cal.observe(1344, 0.3, 1.2 / 4)  # 0.3 s, a quarter of what it learnt: log-space mean
     assert cal.service_s(1344, 0.6) == pytest.approx(0.6)
-    # a size class not seen yet: the model's work times the overall actual/modelled ratio
-    assert cal.service_s(300, 0.2) == pytest.approx(0.2 * cal.overall)
+    # an image size not seen yet: the nearest image size's seconds per vision token, not
+    # the overall ratio, which text inflates (3x here)
+    assert cal.service_s(300, 0.2) == pytest.approx(300 * 0.6 / 1344)
+    assert cal.overall > 1.5
     assert cal.by_size() == {0: pytest.approx(0.03), size_class(1344): pytest.approx(0.6 / 1344)}
     cal.observe(0, 0.01, 1000.0)  # one outlier moves a class by at most 8 ** smoothing
     assert cal.service_s(0, 0.01) == pytest.approx(0.03 * math.sqrt(8.0))
@@ -108,6 +113,27 @@ def test_requests_out_of_one_engine_step_share_its_time_by_work() -> None:
     # 0.6 s over 0.4 s of work: the 300s got 0.15 s each, the 600 0.3 s
     assert cal.samples == 4 and groups.last_at == 11.0
     assert cal.by_size()[size_class(600)] == pytest.approx(0.3 / 600)
+
+
+async def test_requests_granted_before_the_model_still_teach_their_service_time() -> None:
+    """The warm-up runs before the first fit: its requests carry no work until the model
+    exists, and used to teach nothing (a burst's first images were then priced from text)."""
+    clock = FakeClock()
+    settings = AdmissionSettings(max_preparing=64)
+    ctl = AdmissionController(settings, SLO, "standard", 64, clock=clock)
+    eng = FakeEngine(ctl)
+    image, text = (submit(ctl, eng, "image", "standard", vision=300),
+                   submit(ctl, eng, "text", "standard"))
+    await settle()
+    assert image.work_s == 0.0  # type: ignore[attr-defined]  # no model: not priced
+    eng.start(image)  # type: ignore[arg-type]
+    eng.start(text)  # type: ignore[arg-type]
+    ctl.set_work_model(MODEL)  # fitted while they run
+    clock.now += 0.4
+    ctl.observe_ttft(image, 0.4)  # type: ignore[arg-type]
+    clock.now += 0.05
+    ctl.observe_ttft(text, 0.45)  # type: ignore[arg-type]  # scores the image's step
+    assert ctl.stats().slo.service_s_by_size == {size_class(300): pytest.approx(0.4 / 300)}
 
 
 def test_backlog_is_what_the_engine_has_not_done_yet_and_ttft_adds_up() -> None:
