@@ -528,9 +528,12 @@ class AdmissionController:
                     else:
                         self._reject(ticket, predicted)
                     continue
-            # Late work with no SLO work in the engine has no one's TPOT to keep.
+            # Late work with no SLO work in the engine has no one's TPOT to keep; it never
+            # enters while work that can still meet its TTFT waits for a first token (it
+            # would share those prefill steps).
             unrationed = ticket.late and not self._slo_work_granted()
-            granted = self._may_grant(ticket, unrationed)
+            granted = not (ticket.late and self._ttft_work_pending()) and self._may_grant(
+                ticket, unrationed)
             if granted and slo and self._granted and not unrationed and not self._bucket.fits(
                     ticket.work_s, now) and not self._outranks_granted(ticket):
                 # Work enters as fast as running requests keep their TPOT target; a
@@ -583,6 +586,12 @@ class AdmissionController:
         ticket.ttft_target_s = None
         self.metrics.count(ticket.class_name, Event.LATE)
 
+    def _ttft_work_pending(self) -> bool:
+        """Whether a request that can still meet its TTFT target is past the queue without
+        its first token yet."""
+        return any(not t.late and t.ttft_target_s is not None and t.first_token_at is None
+                   for t in self._granted.values())
+
     def _slo_work_granted(self) -> bool:
         """Whether a request with a TPOT target (not served late) is past the queue."""
         return any(not t.late and self._classes[t.class_name].tpot_target_s is not None
@@ -634,24 +643,25 @@ class AdmissionController:
             deadline_in_s=None if ticket.queue_deadline_at is None or slo_predicted
             else ticket.queue_deadline_at - now,
         )
-        if decision is None and slo_predicted:
+        target = ticket.ttft_target_s
+        if decision is None and slo_predicted and target is not None:
             self._refresh_rate(now)
             mine = self._policy.effective_level(self._view(ticket), now)
             queued_ahead_s = sum(
                 t.work_s for t in self._waiting.values()
                 if self._policy.effective_level(self._view(t), now) <= mine)
             predicted = self._predict(ticket, now, queued_ahead_s)
-            if predicted > ticket.ttft_target_s and (
+            if predicted > target and (
                     self._classes[ticket.class_name].infeasible == "serve_late"):
                 self._serve_late(ticket)
-            elif predicted > ticket.ttft_target_s:
+            elif predicted > target:
                 ticket.state = TicketState.DONE
                 self.metrics.count(ticket.class_name, Event.SHED)
-                retry_after = max(0.1, predicted - ticket.ttft_target_s)
+                retry_after = max(0.1, predicted - target)
                 raise RequestRejectedError(
                     f"request {ticket.request_id} shed: predicted time to first token "
                     f"{predicted:.2f}s is over class {ticket.class_name!r}'s ttft_target_s="
-                    f"{ticket.ttft_target_s} ({queued_ahead_s:.2f}s of queued and "
+                    f"{target} ({queued_ahead_s:.2f}s of queued and "
                     f"{self._backlog(ticket.level, now):.2f}s of admitted engine work ahead); "
                     f"retry after {retry_after:.1f}s",
                     retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)

@@ -277,6 +277,31 @@ async def test_a_serve_late_class_keeps_infeasible_requests_behind_work_that_can
     assert not late.rationed  # type: ignore[attr-defined]
 
 
+async def test_late_work_waits_while_on_time_work_has_no_first_token() -> None:
+    clock = FakeClock()
+    classes = {**SLO, "standard": SLO["standard"].model_copy(
+        update={"infeasible": "serve_late"})}
+    ctl = AdmissionController(AdmissionSettings(max_preparing=64), classes, "standard", 64,
+                              clock=clock)
+    ctl.set_work_model(MODEL)
+    eng = FakeEngine(ctl)
+    urgent = submit(ctl, eng, "urgent", "interactive", vision=1344)
+    await settle()
+    eng.start(urgent)  # type: ignore[arg-type]
+    for i in range(6):  # 4.5 s of images behind it: the later ones go late
+        submit(ctl, eng, f"img{i}", "standard", vision=1344)
+        await settle()
+    assert any(t.late for t in ctl._waiting.values())
+    clock.now += 5.0  # the bucket refilled; the interactive request is still prefilling
+    ctl.poke()
+    await settle()
+    assert all(t.late for t in ctl._waiting.values())  # none can make 3 s any more
+    assert eng.granted == ["urgent"]  # and none shares the urgent request's prefill
+    ctl.observe_ttft(urgent, 5.0)  # type: ignore[arg-type]
+    await settle()
+    assert eng.granted == ["urgent", "img0"]  # now late work enters (the bucket allows one)
+
+
 async def test_work_enters_at_the_tpot_rate_and_queued_requests_that_can_no_longer_make_it_are_shed(
 ) -> None:
     clock = FakeClock()
