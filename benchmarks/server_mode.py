@@ -173,7 +173,11 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
 
     warm = [r for wave in warmup_work(work) for r in wave]
     images = {rid: _data_urls(imgs) for rid, imgs in make_images(work + warm).items()}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # Idle connections are dropped after 2 s, before the server's keep-alive timeout (5 s in
+    # uvicorn and vLLM): reusing one the server is closing fails the request with a
+    # ReadError (seen once, after the warm-up's wait for pio's step model).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits,
                                  headers=headers) as client:
         async def submit(req: BenchRequest, t_arrival: float) -> dict[str, Any]:
