@@ -65,8 +65,9 @@ class PriorityClass(BaseModel):
     ttft_target_s: float | None = Field(
         default=None, gt=0,
         description="SLO: time to first token this class's requests must meet (None: no "
-        "SLO). With admission.slo_admission, a request predicted to miss it is refused at "
-        "once (429 + Retry-After) instead of being admitted to miss.",
+        "SLO). With admission.slo_admission, a request predicted to miss it is not admitted "
+        "to miss: it is refused at once (429 + Retry-After) or served late, as the class's "
+        "`infeasible` says.",
     )
     tpot_target_s: float | None = Field(
         default=None, gt=0,
