@@ -378,9 +378,9 @@ class AdmissionController:
         changed = running != self._running
         self._kv_usage = kv_usage
         self._running = running
-        self._pace.record(self._clock(), inter_token_s_total, inter_tokens_total)
-        slo = self._slo_active()
-        if crossed or (slo and (changed or self._pace_verdict(self._clock()))):
+        now = self._clock()
+        self._pace.record(now, inter_token_s_total, inter_tokens_total)
+        if crossed or (self._slo_active() and (changed or self._pace_verdict(now))):
             self._pump()
 
     def set_work_model(self, model: WorkModel | None) -> None:
@@ -522,7 +522,7 @@ class AdmissionController:
             if slo and ticket.ttft_target_s is not None:
                 predicted = self._predict(ticket, now, queued_ahead_s)
                 if predicted > ticket.ttft_target_s:
-                    if self._classes[ticket.class_name].infeasible == "serve_late":
+                    if self._serves_late(ticket):
                         self._serve_late(ticket)
                         self._wake_after(0.0)  # its place in the order changed
                     else:
@@ -576,6 +576,11 @@ class AdmissionController:
             retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)
         if ticket._future is not None and not ticket._future.done():
             ticket._future.set_exception(error)
+
+    def _serves_late(self, ticket: Ticket) -> bool:
+        """Whether the ticket's class serves a request that cannot meet its TTFT target late
+        instead of refusing it."""
+        return self._classes[ticket.class_name].infeasible == "serve_late"
 
     def _serve_late(self, ticket: Ticket) -> None:
         """Its class serves infeasible requests late: the ticket drops its TTFT target and
@@ -636,23 +641,21 @@ class AdmissionController:
         # whether its queue deadline can be met, not the completion rate: measured on a
         # burst after an idle spell, the rate was the warm-up's (2 per s) and refused 10 of
         # 24 interactive requests as "11 ahead" while those admitted waited ~75 ms.
-        slo_predicted = self._slo_active() and ticket.ttft_target_s is not None
+        target = ticket.ttft_target_s if self._slo_active() else None
         decision = shed_decision(
             queue_len=queue_len, max_queue_len=limits.max_queue_len, ahead=ahead,
             free_slots=free, rate_per_s=rate,
-            deadline_in_s=None if ticket.queue_deadline_at is None or slo_predicted
+            deadline_in_s=None if ticket.queue_deadline_at is None or target is not None
             else ticket.queue_deadline_at - now,
         )
-        target = ticket.ttft_target_s
-        if decision is None and slo_predicted and target is not None:
+        if decision is None and target is not None:
             self._refresh_rate(now)
             mine = self._policy.effective_level(self._view(ticket), now)
             queued_ahead_s = sum(
                 t.work_s for t in self._waiting.values()
                 if self._policy.effective_level(self._view(t), now) <= mine)
             predicted = self._predict(ticket, now, queued_ahead_s)
-            if predicted > target and (
-                    self._classes[ticket.class_name].infeasible == "serve_late"):
+            if predicted > target and self._serves_late(ticket):
                 self._serve_late(ticket)
             elif predicted > target:
                 ticket.state = TicketState.DONE

@@ -144,14 +144,13 @@ class RequestRunner:
                  delta: bool) -> None:
         produced = max((len(c.token_ids) for c in out.outputs), default=0)
         trace.output_tokens = trace.output_tokens + produced if delta else produced
-        # Admission's TTFT counts from the request's arrival at pio (the server's gate: in
+        # Admission's TTFT counts from the ticket's arrival at pio (the server's gate: in
         # the server the trace begins only after the queue and vLLM's rendering), as its
         # predictions and SLO counters do.
-        start = ticket.arrival_at if ticket is not None else trace.arrival_at
         if produced and trace.first_token_at is None:
             trace.first_token_at = self._clock()
             if ticket is not None and self._admission is not None:
-                self._admission.observe_ttft(ticket, trace.first_token_at - start)
+                self._admission.observe_ttft(ticket, trace.first_token_at - ticket.arrival_at)
         metrics = getattr(out, "metrics", None)  # vLLM 0.32 RequestStateStats
         preemptions = getattr(metrics, "num_preemptions", None)
         if preemptions is not None:
@@ -162,7 +161,8 @@ class RequestRunner:
             if ticket is not None and self._admission is not None:
                 if trace.preemptions:
                     self._admission.observe_preemptions(ticket, trace.preemptions)
-                ttft = None if trace.first_token_at is None else trace.first_token_at - start
+                ttft = None if trace.first_token_at is None else (
+                    trace.first_token_at - ticket.arrival_at)
                 self._admission.observe_finish(ticket, ttft, trace.tpot_s(self._clock()))
 
     def _arm_deadline(self, trace: RequestTrace) -> asyncio.TimerHandle | None:

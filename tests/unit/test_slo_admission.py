@@ -38,11 +38,19 @@ SLO = {
 LEVELS = {n: c.level for n, c in SLO.items()}
 
 
-def slo_controller(clock: FakeClock, capacity: int = 64, **kw: object) -> AdmissionController:
+def slo_controller(clock: FakeClock, capacity: int = 64, *,
+                   classes: dict[str, PriorityClass] = SLO, model: WorkModel | None = MODEL,
+                   **kw: object) -> AdmissionController:
     settings = AdmissionSettings(**{"max_preparing": 64, **kw})  # type: ignore[arg-type]
-    ctl = AdmissionController(settings, SLO, "standard", capacity, clock=clock)
-    ctl.set_work_model(MODEL)
+    ctl = AdmissionController(settings, classes, "standard", capacity, clock=clock)
+    if model is not None:
+        ctl.set_work_model(model)
     return ctl
+
+
+def serving_late(class_name: str) -> dict[str, PriorityClass]:
+    """The SLO classes with `class_name` serving infeasible requests late."""
+    return {**SLO, class_name: SLO[class_name].model_copy(update={"infeasible": "serve_late"})}
 
 
 def submit(ctl: AdmissionController, eng: FakeEngine, rid: str, cls: str,
@@ -119,8 +127,7 @@ async def test_requests_granted_before_the_model_still_teach_their_service_time(
     """The warm-up runs before the first fit: its requests carry no work until the model
     exists, and used to teach nothing (a burst's first images were then priced from text)."""
     clock = FakeClock()
-    settings = AdmissionSettings(max_preparing=64)
-    ctl = AdmissionController(settings, SLO, "standard", 64, clock=clock)
+    ctl = slo_controller(clock, model=None)
     eng = FakeEngine(ctl)
     image, text = (submit(ctl, eng, "image", "standard", vision=300),
                    submit(ctl, eng, "text", "standard"))
@@ -237,11 +244,7 @@ async def test_requests_predicted_to_miss_are_refused_at_arrival() -> None:
 async def test_a_serve_late_class_keeps_infeasible_requests_behind_work_that_can_meet_it(
 ) -> None:
     clock = FakeClock()
-    classes = {**SLO, "standard": SLO["standard"].model_copy(
-        update={"infeasible": "serve_late"})}
-    ctl = AdmissionController(AdmissionSettings(max_preparing=64), classes, "standard", 64,
-                              clock=clock)
-    ctl.set_work_model(MODEL)
+    ctl = slo_controller(clock, classes=serving_late("standard"))
     eng = FakeEngine(ctl)
     bigs = [submit(ctl, eng, f"big{i}", "standard", vision=1344) for i in range(5)]
     await settle()
@@ -279,11 +282,7 @@ async def test_a_serve_late_class_keeps_infeasible_requests_behind_work_that_can
 
 async def test_late_work_waits_while_on_time_work_has_no_first_token() -> None:
     clock = FakeClock()
-    classes = {**SLO, "standard": SLO["standard"].model_copy(
-        update={"infeasible": "serve_late"})}
-    ctl = AdmissionController(AdmissionSettings(max_preparing=64), classes, "standard", 64,
-                              clock=clock)
-    ctl.set_work_model(MODEL)
+    ctl = slo_controller(clock, classes=serving_late("standard"))
     eng = FakeEngine(ctl)
     urgent = submit(ctl, eng, "urgent", "interactive", vision=1344)
     await settle()
@@ -400,8 +399,7 @@ async def test_slo_outcomes_and_prediction_error_are_counted() -> None:
 
 async def test_without_a_fitted_model_slo_admission_stays_out_of_the_way() -> None:
     clock = FakeClock()
-    settings = AdmissionSettings(max_preparing=64)
-    ctl = AdmissionController(settings, SLO, "standard", 64, clock=clock)
+    ctl = slo_controller(clock, model=None)
     eng = FakeEngine(ctl)
     for i in range(20):
         submit(ctl, eng, f"big{i}", "standard", vision=1344)
