@@ -124,7 +124,22 @@ class Ticket:
     predicted_ttft_s: float | None = None  # at its grant, arrival to first token
     late: bool = False  # predicted to miss its TTFT target and kept (serve_late): no SLO
     rationed: bool = True  # its work was taken from the work bucket at its grant
+    charged_s: float = 0.0  # what its grant took from the work bucket (`_charge_s`)
     _future: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _QueuedAhead:
+    """The requests queued before one whose TTFT is predicted: their modelled work (the
+    engine's time for them, through the overall calibration) and their charges (what the
+    work bucket must let in first, `_charge_s`)."""
+
+    work_s: float = 0.0
+    charge_s: float = 0.0
+
+    def add(self, work_s: float, charge_s: float) -> None:
+        self.work_s += work_s
+        self.charge_s += charge_s
 
 
 @dataclass(frozen=True)
@@ -300,11 +315,12 @@ class AdmissionController:
         (the estimate at arrival was taken from the bucket; the difference is settled)."""
         if ticket.key not in self._granted:
             return
-        old = ticket.work_s
         ticket.prompt_tokens, ticket.vision_tokens = prompt_tokens, vision_tokens
         self._price(ticket)
         if self._slo_active() and ticket.rationed:
-            self._bucket.refund(old - ticket.work_s, self._clock())
+            charge = self._charge_s(ticket)
+            self._bucket.refund(ticket.charged_s - charge, self._clock())
+            ticket.charged_s = charge
 
     def release(self, ticket: Ticket, outcome: Release) -> None:
         """A granted request ended (idempotent): its place frees."""
@@ -313,7 +329,7 @@ class AdmissionController:
         if ticket.state is TicketState.PREPARING:
             self.metrics.add_preparing(ticket.class_name, -1)
             if self._slo_active() and ticket.rationed:  # it never reached vLLM: not spent
-                self._bucket.refund(ticket.work_s, self._clock())
+                self._bucket.refund(ticket.charged_s, self._clock())
         ticket.state = TicketState.DONE
         self.metrics.add_running(ticket.class_name, -1)
         self.metrics.count(ticket.class_name, _RELEASE_EVENT[outcome])
@@ -435,6 +451,19 @@ class AdmissionController:
         """Engine seconds from when vLLM can start on the request to its first token."""
         return self._calibration.service_s(ticket.vision_tokens, ticket.work_s)
 
+    def _charge_s(self, ticket: Ticket) -> float:
+        """What the request's prefill costs the work bucket: the step model's price, or the
+        service time learnt for its size where that is less. A service time runs from the
+        hand-over (or the previous first token) to the first token, so it holds the
+        request's prefill and whatever else the engine did meanwhile: an upper bound of its
+        cost. The model priced a 320x240 image request at 4x the ~20 ms it took on the tiny
+        CPU model; requests entering an idle engine, which the bucket does not hold back,
+        then drove it into a debt that grew with every request, and the refill wait it
+        predicted refused interactive requests (1.03 s predicted) with nothing queued or
+        running. Under a burst the service time also holds other requests' decode steps
+        (1.1-1.8x the model's price, measured), which would ration prefills twice."""
+        return min(ticket.work_s, self._service_s(ticket))
+
     def _backlog(self, level: int, now: float) -> float:
         """Engine seconds of granted work of level <= `level` still to run before a first
         token (vLLM serves it before a new request of `level`)."""
@@ -473,16 +502,19 @@ class AdmissionController:
         the work bucket (vLLM serves it first)."""
         return any(t.level > ticket.level for t in self._granted.values())
 
-    def _predict(self, ticket: Ticket, now: float, queued_ahead_s: float) -> float:
-        # No bucket wait for a ticket the bucket does not hold back (see `_pump`): work
-        # served late drains the bucket, and interactive requests were shed for it.
-        entry_s = 0.0 if self._outranks_granted(ticket) else self._bucket.wait_s(
-            ticket.work_s, now, ahead_s=queued_ahead_s)
+    def _predict(self, ticket: Ticket, now: float, ahead: _QueuedAhead) -> float:
+        # No bucket wait for a ticket the bucket does not hold back (see `_pump`): one that
+        # outranks work in vLLM (work served late drains the bucket, and interactive
+        # requests were shed for it), or the first into an idle engine.
+        held = not self._outranks_granted(ticket) and (
+            bool(self._granted) or ahead.charge_s > 0)
+        entry_s = self._bucket.wait_s(self._charge_s(ticket), now,
+                                      ahead_s=ahead.charge_s) if held else 0.0
         return predicted_ttft_s(
             waited_s=now - ticket.arrival_at,
             entry_s=entry_s,
             backlog_s=self._backlog(ticket.level, now),
-            ahead_service_s=self._calibration.overall * queued_ahead_s,
+            ahead_service_s=self._calibration.overall * ahead.work_s,
             own_service_s=self._service_s(ticket),
             prep_s=self._prep.prep_s(ticket.vision_tokens))
 
@@ -513,14 +545,15 @@ class AdmissionController:
         if slo:
             self._refresh_rate(now)
         blocked_level: int | None = None  # FIFO: nothing of this level or lower passes
-        queued_ahead_s = 0.0  # work of the tickets before this one that stay queued
+        ahead = _QueuedAhead()  # the tickets before this one that stay queued
         for view in self._policy.order((self._view(t) for t in self._waiting.values()), now):
             ticket = self._waiting[view.key]
+            charge = self._charge_s(ticket)
             if blocked_level is not None and ticket.level >= blocked_level:
-                queued_ahead_s += ticket.work_s
+                ahead.add(ticket.work_s, charge)
                 continue
             if slo and ticket.ttft_target_s is not None:
-                predicted = self._predict(ticket, now, queued_ahead_s)
+                predicted = self._predict(ticket, now, ahead)
                 if predicted > ticket.ttft_target_s:
                     if self._serves_late(ticket):
                         self._serve_late(ticket)
@@ -535,16 +568,16 @@ class AdmissionController:
             granted = not (ticket.late and self._ttft_work_pending()) and self._may_grant(
                 ticket, unrationed)
             if granted and slo and self._granted and not unrationed and not self._bucket.fits(
-                    ticket.work_s, now) and not self._outranks_granted(ticket):
+                    charge, now) and not self._outranks_granted(ticket):
                 # Work enters as fast as running requests keep their TPOT target; a
                 # request that outranks work in vLLM goes in anyway (vLLM serves it first),
                 # and so does one into an idle engine (no one's TPOT to keep).
                 granted = False
-                self._wake_after(self._bucket.wait_s(ticket.work_s, now))
+                self._wake_after(self._bucket.wait_s(charge, now))
             if granted:
                 self._grant(ticket, now, take_work=not unrationed)
             else:
-                queued_ahead_s += ticket.work_s
+                ahead.add(ticket.work_s, charge)
                 blocked_level = ticket.level if blocked_level is None else min(
                     blocked_level, ticket.level)
 
@@ -606,7 +639,8 @@ class AdmissionController:
         if self._slo_active():
             ticket.rationed = take_work
             if take_work:
-                self._bucket.take(ticket.work_s, now)
+                ticket.charged_s = self._charge_s(ticket)
+                self._bucket.take(ticket.charged_s, now)
             ticket.predicted_ttft_s = predicted_ttft_s(
                 waited_s=now - ticket.arrival_at, entry_s=0.0,
                 backlog_s=self._backlog(ticket.level, now), ahead_service_s=0.0,
@@ -651,10 +685,11 @@ class AdmissionController:
         if decision is None and target is not None:
             self._refresh_rate(now)
             mine = self._policy.effective_level(self._view(ticket), now)
-            queued_ahead_s = sum(
-                t.work_s for t in self._waiting.values()
-                if self._policy.effective_level(self._view(t), now) <= mine)
-            predicted = self._predict(ticket, now, queued_ahead_s)
+            queued = _QueuedAhead()
+            for t in self._waiting.values():
+                if self._policy.effective_level(self._view(t), now) <= mine:
+                    queued.add(t.work_s, self._charge_s(t))
+            predicted = self._predict(ticket, now, queued)
             if predicted > target and self._serves_late(ticket):
                 self._serve_late(ticket)
             elif predicted > target:
@@ -664,7 +699,7 @@ class AdmissionController:
                 raise RequestRejectedError(
                     f"request {ticket.request_id} shed: predicted time to first token "
                     f"{predicted:.2f}s is over class {ticket.class_name!r}'s ttft_target_s="
-                    f"{target} ({queued_ahead_s:.2f}s of queued and "
+                    f"{target} ({queued.work_s:.2f}s of queued and "
                     f"{self._backlog(ticket.level, now):.2f}s of admitted engine work ahead); "
                     f"retry after {retry_after:.1f}s",
                     retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)

@@ -474,3 +474,50 @@ async def test_a_slow_decode_pace_slows_the_work_rate_and_a_fast_one_restores_it
     # the first four 2 s windows still hold enough 90 ms steps to miss (the scale stops at
     # its floor, 0.05: work still enters); the next 20 keep the target
     assert ctl.stats().slo.tpot_scale == pytest.approx(0.05 * 1.05 ** 20)
+
+
+async def test_one_request_at_a_time_into_an_idle_engine_is_never_refused() -> None:
+    """Measured on the tiny CPU model (in-process and server): interactive requests sent one
+    after another, each served in ~25 ms, were refused after ~80 as "predicted 1.03 s",
+    with nothing queued or running. Each grant had taken the step model's price of its
+    work (4x what it took) from the work bucket: an idle engine lets a request in whatever
+    the bucket holds, so the debt grew without bound, and the prediction added the wait
+    for the bucket to refill. The bucket now takes the service time learnt for the
+    request's size where that is below the model's price, and a request the bucket would
+    not hold back is predicted no wait for it."""
+    clock = FakeClock()
+    ctl = slo_controller(clock, work_burst_s=1.0)
+    eng = FakeEngine(ctl)
+    served = 0.04  # the model prices this request at 0.171 s
+    for i in range(200):
+        ticket = submit(ctl, eng, f"r{i}", "interactive", vision=300)
+        await settle()
+        assert eng.shed == [], (i, ctl.stats().slo)
+        eng.start(ticket)  # type: ignore[arg-type]
+        clock.now += served
+        ctl.observe_ttft(ticket, served)  # type: ignore[arg-type]
+        eng.finish(ticket)  # type: ignore[arg-type]
+        clock.now += 0.01
+    assert ctl._bucket.level(clock.now) > 0
+    # two at a time: each enters while the other runs, now at the learnt price
+    pair = [submit(ctl, eng, f"p{i}", "interactive", vision=300) for i in range(2)]
+    await settle()
+    assert [t.request_id for t in pair] == eng.granted[-2:]  # type: ignore[attr-defined]
+
+
+async def test_the_bucket_takes_the_model_price_where_the_learnt_service_time_is_more() -> None:
+    """Under a burst a service time also holds other requests' decode steps: charging it
+    would ration prefill twice, so the model's price caps the charge."""
+    clock = FakeClock()
+    ctl = slo_controller(clock, work_burst_s=1.0)
+    eng = FakeEngine(ctl)
+    slow = submit(ctl, eng, "slow", "standard", vision=300)
+    await settle()
+    eng.start(slow)  # type: ignore[arg-type]
+    clock.now += 0.5  # 3x the model's 0.171 s
+    ctl.observe_ttft(slow, 0.5)  # type: ignore[arg-type]
+    eng.finish(slow)  # type: ignore[arg-type]
+    clock.now += 10.0
+    other = submit(ctl, eng, "other", "standard", vision=300)
+    await settle()
+    assert other.charged_s == pytest.approx(MODEL.work_s(320, 300))  # type: ignore[attr-defined]
