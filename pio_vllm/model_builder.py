@@ -21,6 +21,7 @@ The build is deterministic for a seed: same seed, same tokenizer and same weight
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
@@ -31,8 +32,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Marker file: its presence means the directory holds a complete checkpoint.
+# Marker file: written last, so with the files below it means a complete checkpoint.
 BUILD_INFO_FILE = "pio_build_info.json"
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "preprocessor_config.json")
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -255,7 +258,8 @@ def _write_processor_files(out_dir: Path, ids: dict[str, int]) -> None:
 
 def is_built(model_dir: str | Path) -> bool:
     """True when `model_dir` holds a checkpoint finished by `build_model`."""
-    return (Path(model_dir) / BUILD_INFO_FILE).is_file()
+    d = Path(model_dir)
+    return all((d / name).is_file() for name in (BUILD_INFO_FILE, *_CHECKPOINT_FILES))
 
 
 def build_model(
@@ -272,16 +276,34 @@ def build_model(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; accepted: {sorted(PRESETS)}")
-    spec = PRESETS[preset]
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One build per directory at a time: replicas started together (`pio-vllm serve-replicas`)
+    # each build on first use, and two builders sharing the `.partial` directory left a
+    # checkpoint without its tokenizer.
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process's build of %s", out)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(out, preset, seed, device, overwrite)
+
+
+def _build_locked(out: Path, preset: str, seed: int, device: str,
+                  overwrite: bool) -> dict[str, Any]:
+    spec = PRESETS[preset]
     if is_built(out) and not overwrite:
         info: dict[str, Any] = json.loads((out / BUILD_INFO_FILE).read_text())
         return info
-    if out.exists() and any(out.iterdir()) and not is_built(out) and not overwrite:
+    own = (out / BUILD_INFO_FILE).is_file()  # an earlier build of pio's, files missing
+    if out.exists() and any(out.iterdir()) and not own and not overwrite:
         raise FileExistsError(
             f"{out} exists and is not a pio-built checkpoint; pass overwrite=True "
             "(--overwrite) or choose an empty directory"
         )
+    if own and not overwrite:
+        logger.warning("%s is an incomplete pio build; building it again", out)
     import shutil
 
     tmp = out.with_name(out.name + ".partial")

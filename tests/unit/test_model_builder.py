@@ -58,3 +58,36 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
         build_model(tmp_path)
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         build_model(tmp_path / "x", preset="huge")
+
+
+@pytest.mark.slow
+def test_a_second_builder_waits_for_the_first(tmp_path: Path) -> None:
+    """Replicas started together each build on first use: a second builder waits on the
+    directory's lock (held here) and then builds a complete checkpoint, never a mix of two."""
+    import fcntl
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny-seed0"
+    script = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
+              "from pio_vllm.model_builder import build_model; build_model(sys.argv[1])")
+    with open(tmp_path / "tiny-seed0.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", script, str(out)],
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert "waiting for another process's build" in first, first
+        assert not out.exists() and not (tmp_path / "tiny-seed0.partial").exists()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert is_built(out) and (out / "tokenizer.json").is_file()
+
+
+def test_an_incomplete_build_is_built_again(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    build_model(out)
+    (out / "tokenizer.json").unlink()
+    assert not is_built(out)
+    build_model(out)
+    assert is_built(out)
