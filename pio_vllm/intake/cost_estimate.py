@@ -35,14 +35,19 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def header_prefix(payload: str) -> str:
+    """The start of a base64 payload that decodes to at most `HEADER_BYTES` (whole 4-char
+    groups)."""
+    return payload[: HEADER_BYTES * 4 // 3 // 4 * 4]
+
+
 def data_url_size(url: str) -> tuple[int, int] | None:
     """(width, height) of a base64 data URL's image, from its first kilobytes only."""
     _, sep, payload = url.partition(",")
     if not sep:
         return None
-    prefix = payload[: HEADER_BYTES * 4 // 3 // 4 * 4]
     try:
-        return header_size(base64.b64decode(prefix, validate=False))
+        return header_size(base64.b64decode(header_prefix(payload), validate=False))
     except (binascii.Error, ValueError):
         return None
 

@@ -9,8 +9,9 @@ before vLLM sees it. For the routes it serves, in order, before vLLM parses anyt
 3. Priority (generation routes): the `X-Priority` header, vLLM's `X-Vllm-Priority` header,
    the body's `priority`, the key's class, else the default class; a configured class name
    or a level within the classes' range (400 otherwise), never above the key's class or, for
-   requests whose key names none, `server.priority_ceiling` (403). The body's `priority`
-   becomes the resolved level and vLLM's header is dropped, so vLLM sees pio's decision.
+   requests whose key names none, `server.priority_ceiling` (403). vLLM's header is
+   dropped and the engine call carries the resolved level (`PioEngineClient`); a class name
+   in the body's `priority` becomes that level there, as vLLM accepts integers only.
 4. Deadline: the `X-Request-Timeout-S` header (seconds) bounds queueing and generation (504).
 5. Sequences: n / best_of up to `server.max_sequences_per_request`; they count as that many
    admission slots.
@@ -210,10 +211,13 @@ class RequestGate:
                 else:
                     level, name = self._engine.resolve_priority(key_class)
                     served = ServedRequest(level, name, tenant, None)
-                # Re-encode only when something changed: a body with megabytes of base64
-                # costs milliseconds to encode on the event loop.
-                if await self._check_media(refs) or payload.get("priority") != before or (
-                        type(before) is not int):
+                # Re-encode only where vLLM must see a change: an image pio fetched is now
+                # inline, or the client named a class in `priority` (vLLM takes integers).
+                # The engine call takes pio's level from `current_request` whatever the body
+                # says, and a body with megabytes of base64 costs milliseconds to encode on
+                # the event loop.
+                if await self._check_media(refs) or (
+                        before is not None and type(before) is not int):
                     body = json.dumps(payload).encode()
                 receive = _replay(body, receive)
                 scope["headers"] = [
@@ -457,15 +461,15 @@ class RequestGate:
     async def _check_image(self, ref: MediaRef, index: int) -> bool:
         """Check one image; True if it was fetched or read and is now inline."""
         if ref.kind is MediaKind.ANTHROPIC_BASE64:
-            data_url = f"data:{ref.media_type or 'image/png'};base64,{ref.value}"
-            data = await self._images.source_bytes(data_url, index)
-            await self._images.probe(data, index)
+            await self._images.probe_data_url(
+                f"data:{ref.media_type or 'image/png'};base64,{ref.value}", index)
             return False
         url = ref.value
+        if url.startswith("data:"):  # inline already: checked, passed on unchanged
+            await self._images.probe_data_url(url, index)
+            return False
         data = await self._images.source_bytes(url, index)
         _, _, fmt = await self._images.probe(data, index)
-        if url.startswith("data:"):
-            return False
         ref.replace_url(
             f"data:image/{fmt or 'png'};base64,{base64.b64encode(data).decode()}")
         return True

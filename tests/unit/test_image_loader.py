@@ -101,6 +101,37 @@ async def test_limits_refuse_before_decoding() -> None:
     await ld.aclose()
 
 
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+async def test_a_data_url_is_probed_from_its_header_without_decoding_it_all() -> None:
+    ld = loader(max_image_pixels=50_000_000)
+    png = encode(noise_image(400, 300, 1))  # noise: far larger than the probed prefix
+    assert len(png) > 200_000
+    assert await ld.probe_data_url(data_url(png)) == (400, 300, "png")
+    # the tail is not decoded: bad base64 after the prefix is left to vLLM's own decode
+    broken = data_url(png)[:-400] + "@" * 400
+    assert await ld.probe_data_url(broken) == (400, 300, "png")
+    # a JPEG whose size marker lies past the prefix (large EXIF and comment segments first):
+    # decoded whole
+    jpeg = encode(noise_image(320, 240, 2), "JPEG", exif=b"Exif\x00\x00" + bytes(65_000),
+                  comment=b"c" * 20_000)
+    assert jpeg.index(b"\xff\xc0") > 64 * 1024
+    assert await ld.probe_data_url(data_url(jpeg, "image/jpeg")) == (320, 240, "jpeg")
+    with pytest.raises(ImageTooLargeError, match="decompression bomb"):
+        await ld.probe_data_url(data_url(png_with_header_size(50_000, 50_000)))
+    with pytest.raises(ImageDecodeError, match="invalid base64"):
+        await ld.probe_data_url("data:image/png;base64,@@not-base64@@")
+    # the exact decoded size is known from the payload's length, padding included
+    small = encode(noise_image(8, 8, 0))
+    assert (await loader(max_image_bytes=len(small)).probe_data_url(data_url(small)))[:2] == (
+        8, 8)
+    with pytest.raises(ImageTooLargeError, match=f"carries {len(small)} bytes"):
+        await loader(max_image_bytes=len(small) - 1).probe_data_url(data_url(small))
+    await ld.aclose()
+
+
 async def test_decompression_bomb_header_is_refused() -> None:
     bomb = png_with_header_size(50_000, 50_000)  # 2.5 gigapixels claimed by a tiny file
     with pytest.raises(ImageTooLargeError, match=r"decompression bomb .*2500000000 pixels"):
