@@ -100,6 +100,25 @@ def row(load: float, name: str, side: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def not_served_by_pio(plain: dict[str, Any], pio: dict[str, Any]) -> dict[str, int] | None:
+    """What plain vLLM made of the requests pio did not serve (refused, expired or failed),
+    matched by request id in the same workload: met the SLO, served but missed it, or not
+    served either. It says whether pio's refusals cost goodput or only throughput."""
+    plain_rows = {r["request_id"]: r for r in plain.get("rows") or []}
+    if not plain_rows or not pio.get("rows"):
+        return None
+    out = {"requests": 0, "plain_met_slo": 0, "plain_missed_slo": 0, "plain_not_served": 0}
+    for r in pio["rows"]:
+        if r["ok"]:
+            continue
+        theirs = plain_rows[r["request_id"]]
+        out["requests"] += 1
+        key = ("plain_met_slo" if SLO.met(theirs) else "plain_missed_slo") if theirs["ok"] \
+            else "plain_not_served"
+        out[key] += 1
+    return out
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [f"mixed-resolution ({doc['mode']}); capacity {doc['capacity_req_per_s']} req/s "
              f"(plain, burst); SLO TTFT <= {SLO.ttft_s} s, TPOT <= {SLO.tpot_s * 1000:.0f} ms",
@@ -121,11 +140,15 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{r['ttft_p99_s']} | {tp[0]} / {tp[1]} | {decided} | "
             f"{'-' if err is None else f'{err:.0%}'} |")
     lines += ["", "| load | pio / plain goodput | pio / plain throughput | "
-              "pio goodput / pio at 1x |", "|---|---|---|---|"]
+              "pio goodput / pio at 1x | not served by pio: plain met SLO / missed / not "
+              "served |", "|---|---|---|---|---|"]
     for c in doc["ratios"]:
+        ns = c.get("not_served_by_pio")
+        fate = "-" if ns is None else (f"{ns['requests']}: {ns['plain_met_slo']} / "
+                                       f"{ns['plain_missed_slo']} / {ns['plain_not_served']}")
         lines.append(f"| {c['load']}x | {ratio_text(c['goodput'], '- (plain 0)')} | "
                      f"{ratio_text(c['throughput'])} | "
-                     f"{c['pio_over_pio_at_1x']} |")
+                     f"{c['pio_over_pio_at_1x']} | {fate} |")
     return "\n".join(lines)
 
 
@@ -142,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path(f"benchmarks/results/mixed-resolution-{a.mode}-cpu.json")
     loads = [float(x) for x in a.loads.split(",")]
     rows: list[dict[str, Any]] = []
+    fates: dict[float, dict[str, int] | None] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         config = str(scenario_config(a.config, Path(tmp_dir) / "mixed.yaml"))
         env = environment(config)  # reads the derived config: before it is deleted
@@ -160,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             [run] = run_ab({"plain": ("plain", config), "pio": ("pio", config)}, work,
                            mode=a.mode, slo=SLO)
             rows += [row(load, name, side) for name, side in run.items()]
+            fates[load] = not_served_by_pio(run["plain"], run["pio"])
             out.parent.mkdir(parents=True, exist_ok=True)
             pngs += plot_runs(run, out.with_name(f"{out.stem}-{load}x"),
                               title=f"mixed-resolution {load}x ({a.mode})",
@@ -181,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "throughput": ratio(by[(load, "pio")]["output_tok_per_s"],
                                 by[(load, "plain")]["output_tok_per_s"]),
             "pio_over_pio_at_1x": ratio(by[(load, "pio")]["goodput_req_per_s"], at_1x),
+            "not_served_by_pio": fates[load],
         } for load in loads],
         "plots": [p.name for p in pngs],
     }
