@@ -21,14 +21,23 @@ from pio_vllm.settings import PioSettings
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
+# Engines the tests start take the tiny model's whole context (its max_position_embeddings),
+# so that a request meant to stay in flight until the test ends it can ask for FILL_TOKENS:
+# its length is bounded by the model, not tuned to this machine's decode speed (3000-4000
+# tokens took 5-7 s here, and fills of that length ended inside tests on faster runs).
+TEST_MAX_MODEL_LEN = 32768
+FILL_TOKENS = 32000
+
 
 def tiny_settings(**overrides: object) -> PioSettings:
-    """Settings of configs/tiny-cpu.yaml with test-friendly limits (1.5 s URL fetches) and
-    fetches from loopback allowed (the tests' image servers; nothing else is reachable)."""
+    """Settings of configs/tiny-cpu.yaml with test-friendly limits (1.5 s URL fetches), the
+    model's whole context (`TEST_MAX_MODEL_LEN`) and fetches from loopback allowed (the
+    tests' image servers; nothing else is reachable)."""
     base = PioSettings.load(TINY_CONFIG)
     images = base.images.model_copy(update={"fetch_timeout_s": 1.5,
                                             "allowed_private_networks": ["127.0.0.1/32"]})
-    return base.model_copy(update={"images": images, **overrides})
+    engine = {**base.engine, "max_model_len": TEST_MAX_MODEL_LEN}
+    return base.model_copy(update={"images": images, "engine": engine, **overrides})
 
 
 def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -101,6 +110,43 @@ def serve_slow(delay_s: float) -> Route:
             serve_bytes(b"late")(h)
 
     return route
+
+
+class HeldImage:
+    """An image route whose fetches wait until `release()`: a request fetching it holds its
+    admission place (admitted, being prepared) for as long as the test wants, whatever the
+    machine's speed. `wait_fetches(n)` waits until n fetches have arrived. A fetch still
+    held after `guard_s` is answered anyway, so nothing outlives a failed test."""
+
+    def __init__(self, body: bytes, guard_s: float = 300.0) -> None:
+        self._body = body
+        self._guard_s = guard_s
+        self._fetches = 0
+        self._arrived = threading.Condition()
+        self._released = threading.Event()
+
+    @property
+    def fetches(self) -> int:
+        with self._arrived:
+            return self._fetches
+
+    def route(self, h: BaseHTTPRequestHandler) -> None:
+        with self._arrived:
+            self._fetches += 1
+            self._arrived.notify_all()
+        self._released.wait(self._guard_s)
+        with suppress(OSError):  # the fetching process may be gone (a killed replica)
+            serve_bytes(self._body)(h)
+
+    def wait_fetches(self, n: int, timeout_s: float = 120.0) -> None:
+        """Wait until `n` fetches have arrived (the bound only turns a hang into a failure)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: self._fetches >= n, timeout_s):
+                raise AssertionError(f"{self._fetches} of {n} image fetches arrived within "
+                                     f"{timeout_s:.0f}s")
+
+    def release(self) -> None:
+        self._released.set()
 
 
 def serve_redirect(location: str) -> Route:

@@ -16,7 +16,7 @@ import httpx
 
 from benchmarks.harness import derive_config
 from benchmarks.server_mode import free_port
-from tests.helpers import TINY_CONFIG, Route, http_server
+from tests.helpers import TEST_MAX_MODEL_LEN, TINY_CONFIG, Route, http_server
 
 KEYS = {
     "key-interactive": {"tenant": "alpha", "priority_class": "interactive"},
@@ -44,10 +44,12 @@ class ImageHost:
 
 def shared_server_config(path: Path, image_port: int) -> Path:
     """The shared test server: max_num_seqs 4 (capacity 4 + lookahead 2), a batch queue of
-    2, three API keys, the image host's port as the only non-public fetch destination."""
+    2, three API keys, the image host's port as the only non-public fetch destination, the
+    model's whole context (fills of `FILL_TOKENS` outlast any test)."""
     return write_config(
         path,
-        engine={"max_num_seqs": 4, "disable_log_stats": False},
+        engine={"max_num_seqs": 4, "disable_log_stats": False,
+                "max_model_len": TEST_MAX_MODEL_LEN},
         priority_classes={
             "interactive": {"level": 0, "max_queue_len": 16, "weight": 4.0},
             "standard": {"level": 1, "max_queue_len": 16, "weight": 2.0},

@@ -24,11 +24,12 @@ import pytest_asyncio
 from pio_vllm.engine.pio_engine import PioEngine
 from pio_vllm.errors import DeadlineExceededError, RequestRejectedError
 from pio_vllm.request import PioRequest, RequestResult
-from tests.helpers import assert_vllm_idle, encode, http_server, noise_image
+from tests.helpers import FILL_TOKENS, assert_vllm_idle, encode, http_server, noise_image
 
 pytestmark = [pytest.mark.engine]
 
-LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0.0}
+# fillers stay in flight until a test cancels them (FILL_TOKENS: the model's whole context)
+LONG = {"max_tokens": FILL_TOKENS, "ignore_eos": True, "temperature": 0.0}
 
 
 class Stamps:

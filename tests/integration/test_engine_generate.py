@@ -26,6 +26,8 @@ from pio_vllm.errors import (
 )
 from pio_vllm.request import PioRequest, RequestOutcome, RequestResult
 from tests.helpers import (
+    FILL_TOKENS,
+    TEST_MAX_MODEL_LEN,
     assert_vllm_idle,
     encode,
     http_server,
@@ -109,7 +111,7 @@ async def test_stream_deltas_add_up_to_the_result(engine: PioEngine) -> None:
 async def test_breaking_out_of_the_stream_aborts_in_vllm(engine: PioEngine) -> None:
     seen: list[RequestResult] = []
     stream = engine.generate(PioRequest(
-        prompt="long story", sampling={"max_tokens": 3000, "ignore_eos": True},
+        prompt="long story", sampling={"max_tokens": FILL_TOKENS, "ignore_eos": True},
         on_complete=seen.append))
     async for _ in stream:
         break
@@ -124,7 +126,7 @@ async def test_cancelling_the_task_aborts_in_vllm(engine: PioEngine) -> None:
 
     async def consume() -> None:
         async for _ in engine.generate(PioRequest(
-                prompt="long story", sampling={"max_tokens": 3000, "ignore_eos": True})):
+                prompt="long story", sampling={"max_tokens": FILL_TOKENS, "ignore_eos": True})):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -138,7 +140,7 @@ async def test_cancelling_the_task_aborts_in_vllm(engine: PioEngine) -> None:
 async def test_deadline_ends_a_running_request(engine: PioEngine) -> None:
     with pytest.raises(DeadlineExceededError, match="deadline passed"):
         await engine.complete(PioRequest(
-            prompt="long story", sampling={"max_tokens": 3000, "ignore_eos": True},
+            prompt="long story", sampling={"max_tokens": FILL_TOKENS, "ignore_eos": True},
             timeout_s=0.5))
     await assert_vllm_idle(engine)
 
@@ -160,8 +162,11 @@ def _bad_requests(base_url: str, tmp_path: Path) -> list[tuple[PioRequest, type[
         (PioRequest(prompt="x", images=[noise_image(8, 8, 0)] * 5), TooManyImagesError,
          "at most 4"),
         (PioRequest(prompt=""), EmptyPromptError, "prompt is empty"),
-        (PioRequest(prompt="word " * 5000), PromptTooLongError, "max_model_len is 4096"),
-        (PioRequest(prompt="x", images=[noise_image(2000, 2000, 0)] * 3), PromptTooLongError,
+        (PioRequest(prompt="the " * (TEST_MAX_MODEL_LEN + 10)), PromptTooLongError,
+         f"max_model_len is {TEST_MAX_MODEL_LEN}"),
+        # 'the ' is one token of the tiny tokenizer: the text alone fits, its images do not
+        (PioRequest(prompt="the " * (TEST_MAX_MODEL_LEN - 2000),
+                    images=[noise_image(2000, 2000, 0)] * 3), PromptTooLongError,
          "text plus vision tokens"),
         (PioRequest(prompt="x", sampling={"max_tokens": 0}), InvalidSamplingError,
          "max_tokens=0"),

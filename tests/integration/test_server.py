@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import encode, noise_image, png_with_header_size, serve_bytes
+from tests.helpers import FILL_TOKENS, encode, noise_image, png_with_header_size, serve_bytes
 from tests.server_helpers import MODEL, ImageHost, Server, metric
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -176,7 +176,7 @@ async def _fill_capacity(server: Server, key: str = "key-batch") -> list[object]
     """Streams of long requests that take pio's whole capacity (max_num_seqs 4 running in
     vLLM + lookahead 2 waiting there); returns once each running one has streamed."""
     c = client(server, key)
-    streams = [await c.completions.create(model=MODEL, prompt=f"fill {i}", max_tokens=3000,
+    streams = [await c.completions.create(model=MODEL, prompt=f"fill {i}", max_tokens=FILL_TOKENS,
                                           stream=True, extra_body={"ignore_eos": True})
                for i in range(6)]
     for stream in streams[:4]:  # vLLM runs the first four: each streams a first chunk
@@ -251,7 +251,8 @@ async def _until(predicate: object, timeout_s: float = 30) -> None:
 async def test_client_disconnect_aborts_in_vllm(server: Server) -> None:
     c = client(server)
     before = metric(scrape(server), "pio_admission_events_total", event="cancelled")
-    stream = await c.completions.create(model=MODEL, prompt="go", max_tokens=3000, stream=True,
+    stream = await c.completions.create(model=MODEL, prompt="go", max_tokens=FILL_TOKENS,
+                                        stream=True,
                                         extra_body={"ignore_eos": True})
     got = 0
     async for _ in stream:
@@ -259,7 +260,7 @@ async def test_client_disconnect_aborts_in_vllm(server: Server) -> None:
         if got == 3:
             break
     await stream.close()
-    text = await wait_idle(server, timeout_s=10)  # long before 3000 tokens could finish
+    text = await wait_idle(server, timeout_s=10)  # long before FILL_TOKENS could finish
     assert metric(text, "pio_admission_events_total", event="cancelled") == before + 1
 
 
@@ -308,7 +309,7 @@ async def test_bad_inputs_get_4xx_and_server_keeps_serving(server: Server) -> No
 async def test_deadline_header_gives_504(server: Server) -> None:
     c = client(server)
     with pytest.raises(openai.APIStatusError) as info:
-        await c.completions.create(model=MODEL, prompt="go", max_tokens=3000,
+        await c.completions.create(model=MODEL, prompt="go", max_tokens=FILL_TOKENS,
                                    extra_body={"ignore_eos": True},
                                    extra_headers={"X-Request-Timeout-S": "0.5"})
     assert info.value.status_code == 504

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import FILL_TOKENS
 from tests.server_helpers import MODEL, Server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -20,7 +21,7 @@ def test_sigterm_drains_then_exits_0(server: Server) -> None:
     c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="key-plain", max_retries=0)
     short = c.completions.create(model=MODEL, prompt="a", max_tokens=60, stream=True,
                                  extra_body={"ignore_eos": True})
-    long = c.completions.create(model=MODEL, prompt="b", max_tokens=4000, stream=True,
+    long = c.completions.create(model=MODEL, prompt="b", max_tokens=FILL_TOKENS, stream=True,
                                 extra_body={"ignore_eos": True})
     first_short, first_long = next(iter(short)), next(iter(long))
     assert first_short and first_long
@@ -35,6 +36,6 @@ def test_sigterm_drains_then_exits_0(server: Server) -> None:
     finish = [ch.choices[0].finish_reason for ch in short if ch.choices]
     assert finish[-1] == "length"  # drained: finished normally
     with pytest.raises(openai.APIError, match="shut down"):
-        for _ in long:  # 4000 tokens outlast drain_timeout_s=4: aborted with a clear error
+        for _ in long:  # FILL_TOKENS outlast drain_timeout_s=4: aborted with a clear error
             pass
     assert server.proc.wait(60) == 0, server.log()[-3000:]
