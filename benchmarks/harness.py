@@ -441,9 +441,8 @@ def read_workload(path: Path) -> list[BenchRequest]:
 
 
 def environment(settings_path: str) -> dict[str, Any]:
-    import platform
-
     import torch
+    import transformers
     import vllm
 
     from pio_vllm.settings import PioSettings
@@ -451,13 +450,28 @@ def environment(settings_path: str) -> dict[str, Any]:
     settings = PioSettings.load(settings_path)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
     return {
         "vllm": vllm.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-        else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        else f"cpu ({os.cpu_count()} cores, {cpu_model()})",
         "engine_args": settings.engine, "admission": settings.admission.model_dump(),
-        "git_commit": commit or None,
+        "git_commit": (commit + ("+changes" if dirty else "")) if commit else None,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
+    import platform
+
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -1,6 +1,7 @@
 """Scenario `mixed-resolution`: goodput under overload, at several multiples of capacity.
 
     pio-vllm bench mixed-resolution [--mode inproc|server] [--loads 0.8,1,1.5,3] [--n 150]
+                                    [--rounds N] [--seed S]
 
 The mix: a quarter text-only, a quarter each with one unique 224x224, 640x480 or 1344x1008
 image, 32-128 output tokens (ignore_eos), one class (standard) with the SLO TTFT <= 3 s and
@@ -10,30 +11,34 @@ as a seeded Poisson process at load x capacity, replayed on plain vLLM and on pi
 engine arguments; pio with its SLO admission, which the class's targets turn on). Goodput
 is the requests that met both targets per second of the run; shed (429) and failed
 requests count as not served. Reports per load: goodput, throughput, TTFT/TPOT, how pio's
-admission decided (admitted at once, deferred in the queue, shed), and its TTFT prediction
-error (server mode: from the `x-pio-predicted-ttft-s` header; in-process: pio's metric).
+admission decided (admitted at once, deferred in the queue, shed), its TTFT prediction
+error (server mode: from the `x-pio-predicted-ttft-s` header; in-process: pio's metric),
+and what plain made of each request pio did not serve. Every round runs every load, both
+sides in an order drawn from --seed; the targets are judged on each figure's median and 95%
+interval over rounds (benchmarks/protocol.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ab import run_ab
-from benchmarks.harness import (
-    BenchRequest,
-    Slo,
-    derive_config,
-    environment,
-    ratio,
-    ratio_text,
+from benchmarks.ab import (
+    Round,
+    environment_line,
+    figure_lines,
+    lost_goodput,
+    run_rounds,
+    side_record,
+    write,
 )
-from benchmarks.plots import plot_runs
+from benchmarks.harness import BenchRequest, Slo, derive_config, environment, ratio
+from benchmarks.plots import plot_rounds, plot_runs
+from benchmarks.protocol import Kind, Target, floor_ratio, summaries, verdict_lines, verdicts
 
 WORDS = ("the", "red", "car", "blue", "sky", "cat", "dog", "tree", "house", "street", "light")
 SIZES: tuple[tuple[int, int] | None, ...] = (None, (224, 224), (640, 480), (1344, 1008))
@@ -84,7 +89,8 @@ def prediction_error_p50(side: dict[str, Any]) -> float | None:
     return percentile(errors, 50)
 
 
-def row(load: float, name: str, side: dict[str, Any]) -> dict[str, Any]:
+def side_row(load: float, name: str, side: dict[str, Any]) -> dict[str, Any]:
+    """The table's line of one side at one load in one round."""
     return {
         "load": load, "side": name, "sent": side["requests"], "ok": side["ok"],
         "slo_met": side.get("slo_met"), "goodput_req_per_s": side.get("goodput_req_per_s"),
@@ -94,127 +100,167 @@ def row(load: float, name: str, side: dict[str, Any]) -> dict[str, Any]:
         "shed": (side.get("shed") or 0) + (side.get("shed_429") or 0),
         "expired": side.get("expired") or 0,
         "admission": side.get("admission_events"),
-        "ttft_prediction_error_p50": None if name == "plain" else prediction_error_p50(side),
-        "step_model": side.get("step_model"),
-        "service_calibration": side.get("service_calibration"),
+        "ttft_prediction_error_p50": side.get("ttft_prediction_error_p50"),
     }
 
 
-def not_served_by_pio(plain: dict[str, Any], pio: dict[str, Any]) -> dict[str, int] | None:
-    """What plain vLLM made of the requests pio did not serve (refused, expired or failed),
-    matched by request id in the same workload: met the SLO, served but missed it, or not
-    served either. It says whether pio's refusals cost goodput or only throughput."""
-    plain_rows = {r["request_id"]: r for r in plain.get("rows") or []}
-    if not plain_rows or not pio.get("rows"):
-        return None
-    out = {"requests": 0, "plain_met_slo": 0, "plain_missed_slo": 0, "plain_not_served": 0}
-    for r in pio["rows"]:
-        if r["ok"]:
-            continue
-        theirs = plain_rows[r["request_id"]]
-        out["requests"] += 1
-        key = ("plain_met_slo" if SLO.met(theirs) else "plain_missed_slo") if theirs["ok"] \
-            else "plain_not_served"
-        out[key] += 1
+def load_key(load: float) -> str:
+    return f"{load:g}x"
+
+
+def round_figures(by_load: dict[float, dict[str, dict[str, Any]]]
+                  ) -> dict[str, float | None]:
+    """One round's figures at every load (ratios inside the round; pio's goodput at a load
+    against its own at 1x of the same round)."""
+    out: dict[str, float | None] = {}
+    at_1x = by_load.get(1.0, {}).get("pio", {}).get("goodput_req_per_s")
+    for load, sides in by_load.items():
+        plain, pio, key = sides["plain"], sides["pio"], load_key(load)
+        lost = lost_goodput(plain, pio, SLO)
+        floor = 1.0 / plain["wall_s"] if plain.get("wall_s") else 0.0
+        out[f"{key} goodput pio/plain"] = floor_ratio(
+            pio.get("goodput_req_per_s"), plain.get("goodput_req_per_s"), floor)
+        out[f"{key} throughput pio/plain"] = ratio(pio["output_tok_per_s"],
+                                                   plain["output_tok_per_s"])
+        out[f"{key} pio goodput / pio at 1x"] = ratio(pio.get("goodput_req_per_s"), at_1x)
+        out[f"{key} TTFT prediction error p50"] = pio.get("ttft_prediction_error_p50")
+        out[f"{key} lost goodput share"] = None if lost is None else round(
+            lost["plain_met_slo"] / lost["offered"], 4)
+    return out
+
+
+def targets(loads: list[float]) -> list[Target]:
+    """The decided targets (those whose load was run)."""
+    out = []
+    if 0.8 in loads:
+        out += [Target("0.8x goodput no harm", "0.8x goodput pio/plain", Kind.NO_HARM, 0.97,
+                       "0.8x: goodput pio/plain >= 0.97x (median; lower bound >= 0.9)"),
+                Target("0.8x lost goodput", "0.8x lost goodput share", Kind.AT_MOST, 0.02,
+                       "0.8x: requests pio did not serve that plain served within the SLO "
+                       "<= 2% of those offered (upper bound)")]
+    if 1.5 in loads:
+        out.append(Target("1.5x goodput", "1.5x goodput pio/plain", Kind.GAIN, 1.5,
+                          "1.5x: goodput pio/plain >= 1.5x (lower bound)"))
+    if 3.0 in loads:
+        out.append(Target("3x goodput", "3x goodput pio/plain", Kind.GAIN, 5.0,
+                          "3x: goodput pio/plain >= 5x, plain's floored at one request per "
+                          "run (lower bound)"))
+        if 1.0 in loads:
+            out.append(Target("3x keeps 1x goodput", "3x pio goodput / pio at 1x", Kind.GAIN,
+                              0.7, "3x: pio's goodput >= 0.7x its own at 1x (lower bound)"))
+    out += [Target(f"{load_key(load)} prediction error",
+                   f"{load_key(load)} TTFT prediction error p50", Kind.AT_MOST, 0.30,
+                   f"{load_key(load)}: pio's TTFT prediction error p50 <= 30% (upper bound)")
+            for load in loads]
     return out
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = [f"mixed-resolution ({doc['mode']}); capacity {doc['capacity_req_per_s']} req/s "
-             f"(plain, burst); SLO TTFT <= {SLO.ttft_s} s, TPOT <= {SLO.tpot_s * 1000:.0f} ms",
-             "",
-             "| load | side | ok/sent | met SLO | goodput (req/s) | out tok/s | "
-             "TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | admitted / deferred / shed | "
-             "TTFT pred. error p50 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["rows"]:
-        adm = r.get("admission") or {}
-        decided = "-" if r["side"] == "plain" else (
-            f"{adm.get('admitted', '?')} / {adm.get('deferred', '?')} / "
-            f"{r['shed'] + r['expired']}")
-        tp = [None if x is None else round(x * 1000, 1) for x in (r["tpot_p50_s"],
-                                                                  r["tpot_p99_s"])]
-        err = r["ttft_prediction_error_p50"]
-        lines.append(
-            f"| {r['load']}x | {r['side']} | {r['ok']}/{r['sent']} | {r['slo_met']} | "
-            f"{r['goodput_req_per_s']} | {r['output_tok_per_s']} | {r['ttft_p50_s']} / "
-            f"{r['ttft_p99_s']} | {tp[0]} / {tp[1]} | {decided} | "
-            f"{'-' if err is None else f'{err:.0%}'} |")
-    lines += ["", "| load | pio / plain goodput | pio / plain throughput | "
-              "pio goodput / pio at 1x | not served by pio: plain met SLO / missed / not "
-              "served |", "|---|---|---|---|---|"]
-    for c in doc["ratios"]:
-        ns = c.get("not_served_by_pio")
-        fate = "-" if ns is None else (f"{ns['requests']}: {ns['plain_met_slo']} / "
-                                       f"{ns['plain_missed_slo']} / {ns['plain_not_served']}")
-        lines.append(f"| {c['load']}x | {ratio_text(c['goodput'], '- (plain 0)')} | "
-                     f"{ratio_text(c['throughput'])} | "
-                     f"{c['pio_over_pio_at_1x']} | {fate} |")
+    lines = [f"# mixed-resolution ({doc['mode']})", "",
+             f"Capacity {doc['capacity_req_per_s']} req/s (plain, burst of 64); SLO TTFT <= "
+             f"{SLO.ttft_s} s, TPOT <= {SLO.tpot_s * 1000:.0f} ms; {len(doc['rounds'])} "
+             f"rounds, side order drawn per round and load from seed {doc['seed']}; "
+             f"{environment_line(doc)}.", ""]
+    if doc["verdicts"]:
+        lines += ["## Verdicts", "", *verdict_lines(doc["verdicts"]), ""]
+    lines += ["## Figures (median over rounds, 95% bootstrap interval over rounds)", "",
+              *figure_lines(doc), "", "## Rounds", "",
+              "| round | load | side (order) | ok/sent | met SLO | goodput (req/s) | "
+              "out tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | admitted / deferred "
+              "/ refused | TTFT pred. error p50 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in doc["rounds"]:
+        for load, at in rec["loads"].items():
+            for r in at["rows"]:
+                adm = r.get("admission") or {}
+                decided = "-" if r["side"] == "plain" else (
+                    f"{adm.get('admitted', '?')} / {adm.get('deferred', '?')} / "
+                    f"{r['shed'] + r['expired']}")
+                tp = [None if x is None else round(x * 1000, 1)
+                      for x in (r["tpot_p50_s"], r["tpot_p99_s"])]
+                err = r["ttft_prediction_error_p50"]
+                position = at["order"].index(r["side"]) + 1
+                lines.append(
+                    f"| {rec['round'] + 1} | {load} | {r['side']} ({position}) | "
+                    f"{r['ok']}/{r['sent']} | {r['slo_met']} | {r['goodput_req_per_s']} | "
+                    f"{r['output_tok_per_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
+                    f"{tp[0]} / {tp[1]} | {decided} | "
+                    f"{'-' if err is None else f'{err:.0%}'} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.scenarios import add_round_args
+
     ap = argparse.ArgumentParser(prog="pio-vllm bench mixed-resolution",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=["inproc", "server"], default="server")
     ap.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
     ap.add_argument("--loads", default="0.8,1,1.5,3", help="multiples of measured capacity")
     ap.add_argument("--n", type=int, default=150, help="requests per load")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload-seed", type=int, default=0)
+    add_round_args(ap)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     out = a.out or Path(f"benchmarks/results/mixed-resolution-{a.mode}-cpu.json")
     loads = [float(x) for x in a.loads.split(",")]
-    rows: list[dict[str, Any]] = []
-    fates: dict[float, dict[str, int] | None] = {}
+    records: list[dict[str, Any]] = []
+    last: dict[float, Round] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         config = str(scenario_config(a.config, Path(tmp_dir) / "mixed.yaml"))
         env = environment(config)  # reads the derived config: before it is deleted
-        rng = random.Random(a.seed + 1000)
+        rng = random.Random(a.workload_seed + 1000)
         calibration = mixed_requests([0.0] * 64, rng)
         print(f"calibrating capacity on plain vLLM ({a.mode}, burst of 64) ...", flush=True)
-        [cal] = run_ab({"plain": ("plain", config)}, calibration, mode=a.mode)
-        capacity = cal["plain"]["ok"] / cal["plain"]["wall_s"]
+        [cal] = run_rounds({"plain": ("plain", config)}, calibration, mode=a.mode, rounds=1,
+                           label=", capacity")
+        capacity = cal.sides["plain"]["ok"] / cal.sides["plain"]["wall_s"]
         print(f"capacity {capacity:.2f} req/s", flush=True)
-        pngs = []
+        work = {}
         for load in loads:
-            rng = random.Random(a.seed)
-            work = mixed_requests(poisson(a.n, load * capacity, rng), rng)
-            print(f"load {load}x: {len(work)} requests at {load * capacity:.2f} req/s",
-                  flush=True)
-            [run] = run_ab({"plain": ("plain", config), "pio": ("pio", config)}, work,
-                           mode=a.mode, slo=SLO)
-            rows += [row(load, name, side) for name, side in run.items()]
-            fates[load] = not_served_by_pio(run["plain"], run["pio"])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            pngs += plot_runs(run, out.with_name(f"{out.stem}-{load}x"),
-                              title=f"mixed-resolution {load}x ({a.mode})",
-                              ttft_target_s=SLO.ttft_s)[:1]
-    by = {(r["load"], r["side"]): r for r in rows}
-    at_1x = by.get((1.0, "pio"), {}).get("goodput_req_per_s")
-    doc = {
+            rng = random.Random(a.workload_seed)
+            work[load] = mixed_requests(poisson(a.n, load * capacity, rng), rng)
+        for index in range(a.rounds):
+            by_load: dict[float, dict[str, dict[str, Any]]] = {}
+            record: dict[str, Any] = {"round": index, "loads": {}}
+            for li, load in enumerate(loads):
+                print(f"round {index + 1}/{a.rounds}, load {load}x: {len(work[load])} "
+                      f"requests at {load * capacity:.2f} req/s", flush=True)
+                [done] = run_rounds({"plain": ("plain", config), "pio": ("pio", config)},
+                                    work[load], mode=a.mode, slo=SLO, rounds=1,
+                                    seed=a.seed * 1000 + li, first_round=index,
+                                    label=f", load {load}x")
+                last[load] = done
+                done.sides["pio"]["ttft_prediction_error_p50"] = prediction_error_p50(
+                    done.sides["pio"])
+                sides = {name: side_record(res) for name, res in done.sides.items()}
+                by_load[load] = sides
+                record["loads"][load_key(load)] = {
+                    "order": done.order, "sides": sides,
+                    "rows": [side_row(load, name, res) for name, res in done.sides.items()]}
+            record["figures"] = round_figures(by_load)
+            records.append(record)
+    per_round = [rec["figures"] for rec in records]
+    chosen = targets(loads)
+    doc: dict[str, Any] = {
         "scenario": "mixed-resolution", "mode": a.mode, "config": str(a.config),
         "seed": a.seed, "slo": {"ttft_s": SLO.ttft_s, "tpot_s": SLO.tpot_s},
         "capacity_req_per_s": round(capacity, 3),
-        "workload": {"requests_per_load": a.n, "loads": loads,
+        "workload": {"requests_per_load": a.n, "loads": loads, "seed": a.workload_seed,
                      "mix": "1/4 text, 1/4 each one unique 224x224 / 640x480 / 1344x1008 "
                             "image; 32-128 output tokens; Poisson arrivals"},
-        "environment": env, "rows": rows,
-        "ratios": [{
-            "load": load,
-            "goodput": ratio(by[(load, "pio")]["goodput_req_per_s"],
-                             by[(load, "plain")]["goodput_req_per_s"]),
-            "throughput": ratio(by[(load, "pio")]["output_tok_per_s"],
-                                by[(load, "plain")]["output_tok_per_s"]),
-            "pio_over_pio_at_1x": ratio(by[(load, "pio")]["goodput_req_per_s"], at_1x),
-            "not_served_by_pio": fates[load],
-        } for load in loads],
-        "plots": [p.name for p in pngs],
+        "environment": env, "rounds": records,
+        "figures": summaries(per_round, a.seed),
+        "verdicts": verdicts(chosen, per_round, a.seed),
     }
-    out.write_text(json.dumps(doc, indent=1))
-    table = markdown(doc)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for load, done in last.items():
+        pngs += plot_runs(done.sides, out.with_name(f"{out.stem}-{load}x"),
+                          title=f"mixed-resolution {load}x ({a.mode}, round {done.index + 1})",
+                          ttft_target_s=SLO.ttft_s)[:1]
+    pngs += plot_rounds(doc, chosen, out.with_suffix(""), title=f"mixed-resolution ({a.mode})")
+    doc["plots"] = [p.name for p in pngs]
+    write(doc, out, markdown(doc))
     return 0
 
 

@@ -1,13 +1,16 @@
-"""PNG plots of one A/B run: TTFT CDF per class and side, output throughput over time.
+"""PNG plots of an A/B record: TTFT CDF per class and side and output throughput over time
+(one round), and the spread of the judged figures over rounds.
 
 The CDFs are honest about what was not served: each curve's denominator is every request of
 its class, so a side that shed or failed requests ends below 1.0 by that share. A scenario
-with an SLO gets its TTFT target drawn as a vertical line. Needs matplotlib (the `bench`
-extra).
+with an SLO gets its TTFT target drawn as a vertical line. The rounds plot shows every
+round's value of each judged figure, its median, its 95% interval and the target's
+threshold. Needs matplotlib (the `bench` extra).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +79,45 @@ def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str,
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_rounds(doc: dict[str, Any], targets: Sequence[Any], stem: Path,
+                title: str) -> list[Path]:
+    """One panel per judged figure (every ratio figure when the scenario judges none):
+    the per-round values, the median, the 95% interval and the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = doc.get("figures") or {}
+    wanted = [(t.figure, t.threshold, t.name) for t in targets if t.figure in figures]
+    if not wanted:
+        wanted = [(name, None, name) for name in figures if "_over_" in name]
+    wanted = [w for w in wanted if any(v is not None for v in figures[w[0]]["per_round"])]
+    if not wanted:
+        return []
+    fig, axes = plt.subplots(1, len(wanted), figsize=(2.6 * len(wanted) + 1, 3.8),
+                             squeeze=False)
+    for ax, (name, threshold, label) in zip(axes[0], wanted, strict=True):
+        summary = figures[name]
+        values = [v for v in summary["per_round"] if v is not None]
+        ax.scatter([0] * len(values), values, alpha=0.6, label="rounds")
+        if summary["median"] is not None:
+            lo, hi = summary["ci95"]
+            ax.errorbar([0.25], [summary["median"]],
+                        yerr=[[summary["median"] - lo], [hi - summary["median"]]],
+                        fmt="o", color="black", capsize=4, label="median, 95% CI")
+        if threshold is not None:
+            ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="target")
+        ax.set_xlim(-0.5, 0.75)
+        ax.set_xticks([])
+        ax.set_title(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title}: {len(doc.get('rounds') or [])} rounds", fontsize=10)
+    fig.tight_layout()
+    path = stem.with_name(stem.name + "-rounds.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]

@@ -1,6 +1,6 @@
 """`pio-vllm bench SCENARIO`: the named A/B scenarios against plain vLLM.
 
-    pio-vllm bench overhead [--mode inproc|server] [--repeats N] [--config FILE]
+    pio-vllm bench overhead [--mode inproc|server] [--rounds N] [--seed S] [--config FILE]
                             [--preset qwen3-vl-2b] [--out benchmarks/results/...]
 
 - `overhead`: saturating closed loop (concurrency 2 x max_num_seqs), one class, every request
@@ -17,8 +17,12 @@
 - `router-overhead` (server mode): the overhead workload against one replica directly and
   through vllm-router (`serve-replicas --replicas 1`). Target: >= 0.97x direct.
 - `smoke`: 10 requests, the CI check that both modes run end to end.
+- `suite --profile cpu-smoke|cpu|h100`: a profile's scenarios with the protocol, inside a
+  time budget (benchmarks/suite.py).
 
-Each side runs in a fresh process with the same engine arguments; results go to
+Each side runs in a fresh process with the same engine arguments, every round in an order
+drawn from --seed; each scenario judges its targets on the median and 95% interval of its
+figures over rounds (benchmarks/protocol.py). Results go to
 benchmarks/results/<scenario>-<mode>-<device>.{json,md,png} unless --out is given.
 """
 
@@ -33,9 +37,13 @@ from typing import Any
 
 import yaml
 
-from benchmarks.ab import report, run_ab
-from benchmarks.harness import Slo, derive_config
+from benchmarks.ab import DEFAULT_ROUNDS, basic_figures, lost_goodput, report, run_rounds
+from benchmarks.harness import Slo, derive_config, ratio
+from benchmarks.protocol import Kind, Target, floor_ratio
 from benchmarks.workload import WorkloadSpec, generate
+
+NO_HARM = Target("throughput no harm", "throughput_pio_over_plain", Kind.NO_HARM, 0.98,
+                 "throughput pio/plain >= 0.98x (median; lower bound >= 0.9)")
 
 
 def _derive(base: Path, out: Path, preset: str | None, **sections: Any) -> str:
@@ -53,7 +61,7 @@ def overhead(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str
     path = _derive(base, tmp / "overhead.yaml", preset)
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
             "work": generate(spec), "concurrency": spec.concurrency, "slo": None,
-            "workload": {"spec": repr(spec)}}
+            "workload": {"spec": repr(spec)}, "targets": [NO_HARM]}
 
 
 def router_overhead(base: Path, tmp: Path, preset: str | None, quick: bool
@@ -64,7 +72,9 @@ def router_overhead(base: Path, tmp: Path, preset: str | None, quick: bool
     s = overhead(base, tmp, preset, quick)
     path = s["sides"]["pio"][1]
     return s | {"sides": {"direct": ("pio", path), "router": ("pio-router", path)},
-                "server_only": True}
+                "server_only": True, "targets": [Target(
+                    "router hop no harm", "throughput_router_over_direct", Kind.NO_HARM, 0.97,
+                    "throughput through vllm-router / direct >= 0.97x")]}
 
 
 def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
@@ -88,9 +98,27 @@ def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> di
                   "infeasible": "serve_late"},
     }
     path = _derive(base, tmp / "burst.yaml", preset, priority_classes=classes)
+
+    def figures(sides: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+        plain, pio = sides["plain"], sides["pio"]
+        lost = lost_goodput(plain, pio, slo)
+        return basic_figures(sides) | {
+            # plain meeting none counts as one: the ratio stays finite (and conservative)
+            "slo_met_pio_over_plain": floor_ratio(pio.get("slo_met"), plain.get("slo_met"),
+                                                  1.0),
+            "lost_goodput_share": None if lost is None else round(
+                lost["plain_met_slo"] / lost["offered"], 4),
+            "refused_by_pio": None if lost is None else lost["not_served"],
+        }
+
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
             "work": generate(spec), "concurrency": None, "slo": slo,
-            "workload": {"spec": repr(spec)}}
+            "workload": {"spec": repr(spec)}, "figures": figures, "targets": [
+                Target("SLO met", "slo_met_pio_over_plain", Kind.GAIN, 1.2,
+                       "requests meeting the SLO pio/plain >= 1.2x (lower bound)"),
+                Target("lost goodput", "lost_goodput_share", Kind.AT_MOST, 0.05,
+                       "requests pio did not serve that plain served within the SLO <= 5% "
+                       "of those offered (upper bound)")]}
 
 
 def image_flood(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
@@ -113,7 +141,21 @@ def image_flood(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[
                                  round(t, 3), ((size[0], size[1], rng.randrange(1 << 30)),)))
         t += rng.expovariate(4.0)
     path = _derive(base, tmp / "flood.yaml", preset)
+
+    def figures(sides: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+        def p99(side: dict[str, Any]) -> float | None:
+            from pio_vllm.admission.metrics import percentile
+
+            ttfts = [r["ttft_s"] if r["ok"] and r["ttft_s"] is not None else float("inf")
+                     for r in side["requests_detail"]
+                     if r["class"] == "interactive" and r["id"] not in ("hi-0", "hi-1")]
+            return percentile(ttfts, 99)
+
+        return basic_figures(sides) | {
+            "urgent_ttft_p99_plain_over_pio": ratio(p99(sides["plain"]), p99(sides["pio"]))}
+
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)}, "work": work,
+            "figures": figures, "targets": [NO_HARM],
             "concurrency": None, "slo": Slo(ttft_s=1.0, tpot_s=0.2),
             "workload": {"high": "10 interactive (224x224 image, 16 tokens): t=0, 0.4 "
                                  "(unloaded), then every 1 s from 2 s",
@@ -132,14 +174,15 @@ def smoke(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, A
     path = _derive(base, tmp / "smoke.yaml", preset)
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
             "work": generate(spec), "concurrency": None, "slo": Slo(5.0, 0.5),
-            "workload": {"spec": repr(spec)}}
+            "workload": {"spec": repr(spec)}, "targets": [NO_HARM]}
 
 
 GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
     "overhead": overhead, "burst-overload": burst_overload, "image-flood": image_flood,
     "router-overhead": router_overhead, "smoke": smoke}
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
-               "mixed-resolution": "benchmarks.mixed_resolution"}
+               "mixed-resolution": "benchmarks.mixed_resolution",
+               "suite": "benchmarks.suite"}
 
 
 def _device_tag() -> str:
@@ -161,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["inproc", "server"], default="inproc")
     ap.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
     ap.add_argument("--preset", default=None, help="pio:PRESET model instead of the config's")
-    ap.add_argument("--repeats", type=int, default=1)
+    add_round_args(ap)
     ap.add_argument("--quick", action="store_true", help="fewer requests")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -170,11 +213,22 @@ def main(argv: list[str] | None = None) -> int:
         s = GENERIC[a.scenario](a.config, Path(tmp), a.preset, a.quick)
         if s.get("server_only") and a.mode != "server":
             ap.error(f"{a.scenario} runs in server mode only (--mode server)")
-        runs = run_ab(s["sides"], s["work"], mode=a.mode, slo=s["slo"],
-                      concurrency=s["concurrency"], repeats=a.repeats)
-        report(a.scenario, runs, mode=a.mode, config=str(a.config), out=out,
-               workload=s["workload"] | {"requests": len(s["work"])}, slo=s["slo"])
+        rounds = run_rounds(s["sides"], s["work"], mode=a.mode, slo=s["slo"],
+                            concurrency=s["concurrency"], rounds=a.rounds, seed=a.seed)
+        report(a.scenario, rounds, mode=a.mode, config=str(a.config), out=out,
+               workload=s["workload"] | {"requests": len(s["work"])}, slo=s["slo"],
+               seed=a.seed, figures=s.get("figures", basic_figures),
+               targets=s.get("targets", ()))
     return 0
+
+
+def add_round_args(ap: argparse.ArgumentParser) -> None:
+    """The protocol's arguments, the same for every scenario."""
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=DEFAULT_ROUNDS,
+                    help=f"rounds of every side (default {DEFAULT_ROUNDS}; committed records "
+                    "use 5, mixed-resolution 3)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of each round's side order (recorded)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Both servers start from the same settings file: pio's with `python -m pio_vllm s
 file's `engine` section as flags (same model path, same engine arguments). One async httpx
 client replays the workload against /v1/chat/completions (streaming, usage included, images
 as data URLs, priority as the X-Priority header on pio and the body's `priority` level on
-vLLM) and measures TTFT, ITL, TPOT and end-to-end latency per request. A 429 from pio counts
+vLLM; the stream read per the SSE spec) and measures TTFT, ITL, TPOT and end-to-end latency
+per request. A 429 from pio counts
 as shed (with its Retry-After), not as an error of the server.
 """
 
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +209,7 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                     row["error"] = f"HTTP {resp.status_code}: {resp.text[:200]}"
                     row["e2e_s"] = time.perf_counter() - t_arrival
                     return row
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
+                async for chunk in sse_chunks(resp):
                     if "error" in chunk:
                         row["error"] = str(chunk["error"])[:200]
                         break
@@ -248,6 +247,7 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
     result["preemptions"] = during("pio_admission_events_total", 'event="preempted"')
     result["engine_preemptions"] = during("vllm:num_preemptions_total")
     if kind == "pio":
+        result["server_timings"] = server_timings(metrics_before, metrics, rows)
         result["admission_events"] = {
             event: int(during("pio_admission_events_total", f'event="{event}"'))
             for event in ADMISSION_EVENTS}
@@ -256,6 +256,47 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
             for name in ("base_seconds", "seconds_per_token", "seconds_per_vision_token",
                          "r2")}
     return result
+
+
+async def sse_chunks(response: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of an OpenAI streaming response, read per the SSE spec (httpx-sse):
+    lines end at CR, LF or CRLF only. httpx's `aiter_lines` also splits on U+2028, U+0085
+    and the other separators `str.splitlines` knows, which random-weight outputs put inside
+    JSON strings: a run died on `JSONDecodeError: Unterminated string`."""
+    from httpx_sse import EventSource
+
+    async for event in EventSource(response).aiter_sse():
+        if event.data and event.data != "[DONE]":
+            yield json.loads(event.data)
+
+
+def server_timings(before: str, after: str, rows: list[dict[str, Any]]
+                   ) -> dict[str, dict[str, float | int | None]]:
+    """Per class, what pio's server measured over the run (its histograms' sums and counts:
+    time in pio's queue, and arrival at pio's gate to the first token) beside the client's
+    mean TTFT for the same requests: the difference is the time before the gate (the API
+    server receiving and parsing the request) and the first chunk's way back."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for cls in sorted({r["priority_class"] for r in rows}):
+        label = f'priority_class="{cls}"'
+
+        def delta(name: str) -> float:
+            return (_counter(after, name, label) or 0.0) - (_counter(before, name, label)
+                                                            or 0.0)
+
+        n_ttft = int(delta("pio_time_to_first_token_seconds_count"))
+        n_wait = int(delta("pio_queue_wait_seconds_count"))
+        client = [r["ttft_s"] for r in rows
+                  if r["priority_class"] == cls and r["ok"] and r["ttft_s"] is not None]
+        out[cls] = {
+            "server_ttft_mean_s": round(delta("pio_time_to_first_token_seconds_sum") / n_ttft,
+                                        4) if n_ttft else None,
+            "server_queue_wait_mean_s": round(delta("pio_queue_wait_seconds_sum") / n_wait, 4)
+            if n_wait else None,
+            "client_ttft_mean_s": round(sum(client) / len(client), 4) if client else None,
+            "requests": n_ttft,
+        }
+    return out
 
 
 async def _model_fitted(client: Any, min_r2: float, timeout_s: float = 15.0) -> None:

@@ -1,7 +1,7 @@
-"""The A/B harness end to end: the 10-request smoke scenario in-process through the
-`pio-vllm bench` command (both sides, fresh engines, the report), and server mode's client
-replaying a workload against the shared `pio-vllm serve` (real vLLM, CPU). Starting plain
-vLLM's server is exercised by the server-mode benchmarks."""
+"""The A/B harness end to end: `pio-vllm bench suite --profile cpu-smoke` (the 10-request
+smoke scenario in-process, two rounds: both sides, fresh engines, the protocol's report),
+and server mode's client replaying a workload against the shared `pio-vllm serve` (real
+vLLM, CPU). Starting plain vLLM's server is exercised by the server-mode benchmarks."""
 
 from __future__ import annotations
 
@@ -22,35 +22,50 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 
 def smoke_job(folder: Path) -> Job:
-    return Job([sys.executable, "-m", "pio_vllm", "bench", "smoke", "--mode", "inproc",
-                "--config", str(TINY_CONFIG), "--out", str(folder / "smoke-inproc.json")],
-               ROOT)
+    return Job([sys.executable, "-m", "pio_vllm", "bench", "suite", "--profile", "cpu-smoke",
+                "--config", str(TINY_CONFIG), "--out-dir", str(folder)], ROOT)
 
 
-EARLY = {"smoke-inproc": Early("test_smoke_scenario_runs_both_sides", smoke_job)}
+EARLY = {"suite-cpu-smoke": Early("test_cpu_smoke_suite_records_rounds_and_verdicts",
+                                  smoke_job)}
 
 
-def test_smoke_scenario_runs_both_sides(early_start: EarlyStart) -> None:
-    """`pio-vllm bench smoke` in-process: each side in a fresh interpreter with its own
-    engine, one after the other (started early, beside the session engine's start:
-    tests/early_start.py)."""
-    proc = early_start.result("smoke-inproc")
+def test_cpu_smoke_suite_records_rounds_and_verdicts(early_start: EarlyStart) -> None:
+    """`pio-vllm bench suite --profile cpu-smoke`: the smoke scenario in-process, two rounds,
+    each side in a fresh interpreter with its own engine, the order drawn per round, every
+    round's figures, their intervals and the verdicts (started early, beside the session
+    engine's start: tests/early_start.py)."""
+    proc = early_start.result("suite-cpu-smoke")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.folder / "smoke-inproc.json"
+    suite = json.loads((proc.folder / "suite-cpu-smoke.json").read_text())
+    [step] = suite["steps"]
+    assert step["status"] == "ok" and step["result"] == "smoke-inproc-cpu-smoke.json"
+    out = proc.folder / step["result"]
     doc = json.loads(out.read_text())
-    run = doc["runs"][0]
-    assert set(run) == {"plain", "pio"}
-    for side in run.values():
-        assert side["requests"] == 10 and side["ok"] == 10, side["errors"]
-        assert side["output_tok_per_s"] > 0 and side["ttft_p50_s"] > 0
-    assert run["pio"]["classes"]["interactive"]["n"] == run["plain"]["classes"][
-        "interactive"]["n"]
-    assert run["pio"]["pio_intake_p50_s"] is not None  # measured inside pio
-    assert doc["ratios"][0]["pio"]["throughput"] > 0
-    assert doc["environment"]["vllm"].startswith("0.")
+    assert [r["round"] for r in doc["rounds"]] == [0, 1]
+    for rec in doc["rounds"]:
+        assert sorted(rec["order"]) == ["pio", "plain"]
+        assert list(rec["sides"]) == ["plain", "pio"]
+        for side in rec["sides"].values():
+            assert side["requests"] == 10 and side["ok"] == 10, side["errors"]
+            assert side["output_tok_per_s"] > 0 and side["ttft_p50_s"] > 0
+            assert len(side["requests_detail"]) == 10
+        assert rec["sides"]["pio"]["pio_intake_p50_s"] is not None  # measured inside pio
+        assert rec["figures"]["throughput_pio_over_plain"] > 0
+    throughput = doc["figures"]["throughput_pio_over_plain"]
+    assert len(throughput["per_round"]) == 2
+    lo, hi = throughput["ci95"]
+    assert lo <= throughput["median"] <= hi
+    [verdict] = doc["verdicts"]
+    assert set(verdict) == {"name", "target", "median", "ci95", "rounds", "met"}
+    assert verdict["rounds"] == 2 and verdict["met"] is False  # 2 rounds decide nothing
+    assert doc["environment"]["vllm"].startswith("0.") and doc["environment"]["transformers"]
     for png in doc["plots"]:
         assert (proc.folder / png).stat().st_size > 1000
-    assert "| plain |" in out.with_suffix(".md").read_text()
+    assert any(p.endswith("-rounds.png") for p in doc["plots"])
+    table = out.with_suffix(".md").read_text()
+    assert "## Verdicts" in table and "| plain |" in table
+    assert "smoke-inproc" in (proc.folder / "suite-cpu-smoke.md").read_text()
 
 
 def test_server_mode_replay_against_a_live_pio_server(server: Server) -> None:
@@ -70,3 +85,8 @@ def test_server_mode_replay_against_a_live_pio_server(server: Server) -> None:
     assert result["ttft_p50_s"] > 0 and result["output_tok_per_s"] > 0
     assert result["admission_events"]["admitted"] >= result["ok"]
     assert result["preemptions"] >= 0 and result["engine_preemptions"] >= 0
+    # the server's own measure of the same requests, from its gate: within the client's
+    timing = result["server_timings"]["standard"]
+    assert timing["requests"] == result["ok"], timing
+    assert 0 < timing["server_ttft_mean_s"] <= timing["client_ttft_mean_s"], timing
+    assert 0 <= timing["server_queue_wait_mean_s"] <= timing["server_ttft_mean_s"], timing
