@@ -280,7 +280,7 @@ def server_timings(before: str, after: str, rows: list[dict[str, Any]]
     for cls in sorted({r["priority_class"] for r in rows}):
         label = f'priority_class="{cls}"'
 
-        def delta(name: str) -> float:
+        def delta(name: str, label: str = label) -> float:
             return (_counter(after, name, label) or 0.0) - (_counter(before, name, label)
                                                             or 0.0)
 
