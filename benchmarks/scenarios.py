@@ -10,7 +10,8 @@
   first what it predicts meets the SLO, sheds the interactive requests that cannot (429 +
   Retry-After) and serves such batch requests late (`infeasible: serve_late`). Reports
   SLO met per side.
-- `priority-inversion`, `mixed-resolution`: their own modules (calibration, 3 sides).
+- `priority-inversion`, `mixed-resolution`, `step-budget` (the 2B architecture, step
+  budget off vs on): their own modules.
 - `image-flood`: a Poisson flood of unique low-priority images (up to 1344x1008) with
   interactive requests arriving during it; the first two arrive before the flood (their
   TTFT is the unloaded reference).
@@ -182,6 +183,7 @@ GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
     "router-overhead": router_overhead, "smoke": smoke}
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
                "mixed-resolution": "benchmarks.mixed_resolution",
+               "step-budget": "benchmarks.step_budget",
                "suite": "benchmarks.suite"}
 
 

@@ -301,8 +301,47 @@ class TuningSettings(BaseModel):
     min_step_tokens: int = Field(
         default=256, ge=1,
         description="Lower bound on the step token budget (vLLM chunks longer prefills; "
-        "images are encoded within vLLM's separate encoder budget).",
+        "images are encoded within vLLM's separate encoder budget); also the smallest "
+        "prefill chunk the step budget leaves a step.",
     )
+    step_budget: bool = Field(
+        default=True,
+        description="While a class above the work in the engine is configured, cap each "
+        "engine step's new prefill tokens and vision-encoder tokens so that its predicted "
+        "time stays within the step budget (an image too large for it runs alone in its "
+        "step), and let a waiting higher-priority request's prefill go before a running "
+        "lower-priority one's next chunk (patches/step_budget.py). Active from the first "
+        "request: steps are priced with the model's default profile until the online fit "
+        "passes tuning.min_r2.",
+    )
+    step_budget_s: float | None = Field(
+        default=None, gt=0,
+        description="Engine seconds one step may take while the budget holds; None: "
+        "step_budget_fraction of the top class's ttft_target_s (no budget when that class "
+        "has no TTFT target).",
+    )
+    step_budget_fraction: float = Field(
+        default=0.25, gt=0, le=1,
+        description="The step budget as a fraction of the top class's ttft_target_s when "
+        "step_budget_s is not set: an urgent request then waits at most about this share "
+        "of its target for the step in progress.",
+    )
+    step_profile: str | None = Field(
+        default=None,
+        description="Default step prices before the online fit: tiny-cpu, qwen3-vl-2b-cpu "
+        "or qwen3-vl-2b-h100 (pio_vllm/cost/step_budget.py); None picks by model and "
+        "device.",
+    )
+
+    @field_validator("step_profile")
+    @classmethod
+    def _profile(cls, value: str | None) -> str | None:
+        from pio_vllm.cost.step_budget import PROFILES
+
+        if value is not None and value not in PROFILES:
+            raise ValueError(f"step_profile {value!r} is not a known profile; accepted: "
+                             f"{sorted(PROFILES)} or null (picked by model and device)")
+        return value
 
 
 class ApiKey(BaseModel):
@@ -516,6 +555,17 @@ class PioSettings(BaseSettings):
         if self.model.startswith(LOCAL_MODEL_PREFIX):
             return self.model[len(LOCAL_MODEL_PREFIX):]
         return None
+
+    def step_budget_s(self) -> float | None:
+        """Seconds one engine step may take while the step budget holds (None: off)."""
+        if not self.tuning.step_budget:
+            return None
+        if self.tuning.step_budget_s is not None:
+            return self.tuning.step_budget_s
+        top = min(self.priority_classes.values(), key=lambda c: c.level)
+        if top.ttft_target_s is None:
+            return None
+        return top.ttft_target_s * self.tuning.step_budget_fraction
 
     def slo_admission_on(self) -> bool:
         """SLO admission runs: admission is on, slo_admission is on and a class has a TTFT

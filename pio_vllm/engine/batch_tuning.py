@@ -88,12 +88,16 @@ class TuningLoop:
     async def step(self) -> BatchLimits:
         """One round: push the current limits, pull samples, refit, decide the next limits."""
         limits = self.tuner.limits
+        # the last fit good enough to price with also prices the scheduler's step budget
+        good = self._work_model
+        step_model = None if good is None else (good.base_s, good.per_token_s,
+                                                good.per_vision_token_s)
         if self._apply_limits:
             result = await self._backend.batch_limits(
                 limits.max_active, limits.max_tokens, self.tuner.token_floor,
-                limits.max_encoder_tokens)
+                limits.max_encoder_tokens, step_model)
         else:
-            result = await self._backend.batch_limits(None, None, None)
+            result = await self._backend.batch_limits(None, None, None, None, step_model)
         self.engine_limits = {k: v for k, v in result.items() if k != "samples"}
         self.tuner.observe(StepSample(*s) for s in result.get("samples", ()))
         if self._apply_limits:
@@ -104,11 +108,11 @@ class TuningLoop:
         else:
             new = limits
             self.tuner.refit()
+        model = self.tuner.stats().model
+        if model is not None and model.r2 >= self._settings.min_r2:
+            self._work_model = WorkModel(
+                model.base_s, model.per_token_s, model.per_vision_token_s)
         if self._admission is not None:
-            model = self.tuner.stats().model
-            if model is not None and model.r2 >= self._settings.min_r2:
-                self._work_model = WorkModel(
-                    model.base_s, model.per_token_s, model.per_vision_token_s)
             # A poor refit keeps the last good model: a window of near-identical decode
             # steps explains little variance (R^2 falls) although the costs did not change,
             # and dropping the model would turn SLO admission off just as a burst arrives

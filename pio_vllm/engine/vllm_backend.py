@@ -110,13 +110,14 @@ def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None
     # BatchLimitScheduler records the step samples the step model is fitted on: batch
     # tuning and SLO admission both need them.
     tuning = settings.tuning.enabled or settings.slo_admission_on()
+    budget = step_budget_config(settings, vllm_config)
     scheduler_config = vllm_config.scheduler_config
     if preemption and str(scheduler_config.policy) != "priority":
         raise ConfigError(
             f"admission.preemption needs engine.scheduling_policy: priority (it is "
             f"{str(scheduler_config.policy)!r}, under which vLLM ignores request priorities); "
             "set scheduling_policy: priority, or admission.preemption: false")
-    if not (preemption or tuning):
+    if not (preemption or tuning or budget):
         return None
     current = scheduler_config.scheduler_cls
     if current is not None and current not in _SCHEDULERS.values():
@@ -129,8 +130,36 @@ def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
     vllm_config.additional_config["pio"] = {
-        "preemption": preemption, "max_preemptions": settings.admission.max_preemptions}
+        "preemption": preemption, "max_preemptions": settings.admission.max_preemptions,
+        "step_budget": budget}
+    if budget:
+        logger.info("step budget %.3fs per step while a class above the running work is "
+                    "configured; step prices %s", budget["budget_s"], budget["source"])
     return path
+
+
+def step_budget_config(settings: PioSettings, vllm_config: Any) -> dict[str, Any] | None:
+    """What patches/step_budget.py needs in the EngineCore: the budget, the top class's
+    level, the default step profile of this model and device, the smallest prefill chunk;
+    None when the budget is off or nothing sets its size."""
+    from pio_vllm.cost.step_budget import PROFILES, profile_for
+
+    tuning = settings.tuning
+    budget_s = settings.step_budget_s()
+    if not tuning.step_budget or budget_s is None:
+        return None
+    if tuning.step_profile is not None:
+        profile = PROFILES[tuning.step_profile]
+    else:
+        import torch
+
+        profile = profile_for(settings.model, torch.cuda.is_available())
+    return {"budget_s": budget_s,
+            "top_level": min(c.level for c in settings.priority_classes.values()),
+            "profile": [profile.base_s, profile.per_token_s, profile.per_vision_token_s],
+            "source": profile.source,
+            "min_prefill_tokens": min(tuning.min_step_tokens,
+                                      int(vllm_config.scheduler_config.max_num_batched_tokens))}
 
 
 def _read_geometry(model_path: str, engine: Mapping[str, Any]) -> VisionGeometry:
@@ -300,8 +329,9 @@ class VllmBackend:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         try:
+            engine_input = await self._render(prompt)
             async for out in self._llm.generate(
-                dict(prompt), params, request_id, priority=priority, **vllm_kwargs
+                engine_input, params, request_id, priority=priority, **vllm_kwargs
             ):
                 yield out
         except VllmEngineDead as e:
@@ -311,6 +341,23 @@ class VllmBackend:
             if translated is None:
                 raise
             raise translated from e
+
+    async def _render(self, prompt: Mapping[str, Any]) -> dict[str, Any]:
+        """The engine input vLLM's generate takes. vLLM 0.32 renders a raw prompt (pio's
+        token ids and images) with its Renderer, as its own deprecated path inside the
+        InputProcessor did, which warns "Passing raw prompts to InputProcessor is
+        deprecated" (read in 0.32's v1/engine/input_processor.py); the async variant runs
+        the image processor off the event loop. vLLM 0.23 has no Renderer and takes the raw
+        prompt. An input vLLM already rendered (the OpenAI server's) passes unchanged."""
+        renderer = getattr(self._llm, "renderer", None)
+        if "type" in prompt or renderer is None or not hasattr(renderer, "render_cmpl_async"):
+            return dict(prompt)
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        parsed = parse_model_prompt(self._llm.model_config, dict(prompt))
+        [engine_input] = await renderer.render_cmpl_async(
+            [parsed], renderer.default_cmpl_tok_params)
+        return dict(engine_input)
 
     def _translate(self, e: Exception, request_id: str) -> Exception | None:
         cause = e.__cause__ if type(e).__name__ == "EngineGenerateError" else e
@@ -325,13 +372,16 @@ class VllmBackend:
         return None
 
     async def batch_limits(self, max_active: int | None, max_tokens: int | None,
-                           token_floor: int | None,
-                           max_encoder_tokens: int | None = None) -> dict[str, Any]:
-        """Set BatchLimitScheduler's limits in the EngineCore and collect its step samples
-        (an engine-core utility call to the method patches/engine_core_batch_limits.py adds;
-        `call_utility_async` exists in vLLM 0.23 and 0.32)."""
+                           token_floor: int | None, max_encoder_tokens: int | None = None,
+                           step_model: tuple[float, float, float] | None = None
+                           ) -> dict[str, Any]:
+        """Set BatchLimitScheduler's limits (and the step budget's step model) in the
+        EngineCore and collect its step samples (an engine-core utility call to the method
+        patches/engine_core_batch_limits.py adds; `call_utility_async` exists in vLLM 0.23
+        and 0.32)."""
         result: dict[str, Any] = await self._llm.engine_core.call_utility_async(
-            "pio_batch_limits", max_active, max_tokens, token_floor, max_encoder_tokens)
+            "pio_batch_limits", max_active, max_tokens, token_floor, max_encoder_tokens,
+            step_model)
         return result
 
     async def abort(self, request_id: str) -> None:

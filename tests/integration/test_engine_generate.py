@@ -251,3 +251,30 @@ async def _wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def test_prompts_reach_vllm_rendered_not_raw(engine: PioEngine) -> None:
+    """vLLM 0.32 deprecates raw prompts in its InputProcessor ("Passing raw prompts to
+    InputProcessor is deprecated"): pio renders with vLLM's Renderer first, so every
+    in-process request reaches the InputProcessor as an engine input (a dict with 'type').
+    vLLM 0.23 has no Renderer and takes the raw prompt."""
+    from pio_vllm.engine.vllm_backend import vllm_version
+
+    if vllm_version() < (0, 32):
+        pytest.skip("vLLM 0.23 has no Renderer: raw prompts are its API")
+    processor = engine.backend.llm.input_processor
+    seen: list[bool] = []
+    original = processor.process_inputs
+
+    def spy(request_id: str, prompt: object, *args: object, **kwargs: object) -> object:
+        seen.append(isinstance(prompt, dict) and "type" in prompt)
+        return original(request_id, prompt, *args, **kwargs)
+
+    processor.process_inputs = spy
+    try:
+        result = await engine.complete(PioRequest(
+            prompt="what is this", images=[noise_image(96, 64, 1)], sampling=GREEDY_16))
+    finally:
+        del processor.process_inputs  # the instance attribute; the class method is back
+    assert result.ok and result.vision_tokens > 0
+    assert seen == [True]

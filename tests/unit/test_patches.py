@@ -165,3 +165,142 @@ def test_free_slots_are_used_before_preempting() -> None:
     assert _scheduler(list(running), waiting, cap=3).schedule() == []  # type: ignore[attr-defined]
     off = _scheduler(list(running), waiting, cap=1, max_preemptions=0)
     assert off.schedule() == []  # type: ignore[attr-defined]
+
+
+class _FakePosition:
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset, self.length = offset, length
+
+
+class _FakeFeature:
+    def __init__(self, offset: int, length: int) -> None:
+        self.mm_position = _FakePosition(offset, length)
+
+
+class _BudgetRequest:
+    """What StepBudgetMixin reads of a vLLM Request."""
+
+    def __init__(self, rid: str, priority: int, num_tokens: int, computed: int,
+                 images: tuple[tuple[int, int], ...] = (), status: str = "RUNNING") -> None:
+        from vllm.v1.request import RequestStatus
+
+        self.request_id, self.priority = rid, priority
+        self.num_tokens, self.num_computed_tokens = num_tokens, computed
+        self.mm_features = [_FakeFeature(offset, length) for offset, length in images]
+        self.status = RequestStatus[status]
+
+    def get_num_encoder_embeds(self, i: int) -> int:
+        return int(self.mm_features[i].mm_position.length)
+
+
+class _BudgetBase:
+    """What StepBudgetMixin reads and sets of vLLM's Scheduler; `schedule` records what a
+    step would have seen."""
+
+    def __init__(self, running: list[_BudgetRequest], waiting: list[_BudgetRequest],
+                 budget: dict[str, object] | None) -> None:
+        from types import SimpleNamespace
+
+        self.vllm_config = SimpleNamespace(additional_config={"pio": {
+            "step_budget": budget}})
+        self.running = running
+        self.waiting = sorted(waiting, key=lambda r: r.priority)
+        self.max_num_scheduled_tokens = 8192
+        self.max_num_encoder_input_tokens = 8192
+        self.max_num_active_reqs = 8
+        self.seen: dict[str, object] = {}
+
+    def schedule(self) -> dict[str, object]:
+        self.seen = {"tokens": self.max_num_scheduled_tokens,
+                     "encoder": self.max_num_encoder_input_tokens,
+                     "cap": self.max_num_active_reqs,
+                     "running": [r.request_id for r in self.running]}
+        return self.seen
+
+
+# 2B-on-CPU-like prices: 0.35 s a step, 4.5 ms a token, 12 ms a vision token; 2.5 s budget
+BUDGET = {"budget_s": 2.5, "top_level": 0, "profile": [0.35, 0.0045, 0.012],
+          "source": "test", "min_prefill_tokens": 16}
+
+
+def _budgeted(running: list[_BudgetRequest], waiting: list[_BudgetRequest],
+              budget: dict[str, object] | None = BUDGET) -> object:
+    from pio_vllm_patches.step_budget import StepBudgetMixin
+
+    class Sched(StepBudgetMixin, _BudgetBase):
+        pass
+
+    return Sched(running, waiting, budget)
+
+
+def test_the_step_budget_caps_a_batch_step_and_restores_vllms_budgets() -> None:
+    # four batch image prefills waiting (images of 64, 140, 300 and 300 vision tokens)
+    waiting = [_BudgetRequest(f"b{i}", 2, 20 + v, 0, images=((10, v),), status="WAITING")
+               for i, v in enumerate((64, 140, 300, 300))]
+    sched = _budgeted([], waiting)
+    seen = sched.schedule()  # type: ignore[attr-defined]
+    # (2.5 - 0.35) / 0.0045 = 477 prefill tokens; (2.5 - 0.35) / 0.0165 = 130 vision tokens
+    assert seen["tokens"] == 477 and seen["encoder"] == 130
+    assert (sched.max_num_scheduled_tokens, sched.max_num_encoder_input_tokens) == (  # type: ignore[attr-defined]
+        8192, 8192)
+    assert sched.step_budget_stats()["budget_steps"] == 1  # type: ignore[attr-defined]
+
+
+def test_an_image_too_large_for_the_budget_runs_alone() -> None:
+    running = [_BudgetRequest(f"d{i}", 2, 100, 99) for i in range(4)]  # four decodes
+    waiting = [_BudgetRequest("big", 2, 1400, 0, images=((10, 1344),), status="WAITING")]
+    sched = _budgeted(running, waiting)
+    seen = sched.schedule()  # type: ignore[attr-defined]
+    assert seen["encoder"] == 1344 and seen["tokens"] == 4 + 1344
+    assert sched.step_budget_stats()["alone_steps"] == 1  # type: ignore[attr-defined]
+
+
+def test_top_class_work_alone_runs_with_full_budgets() -> None:
+    waiting = [_BudgetRequest("i", 0, 400, 0, images=((10, 300),), status="WAITING")]
+    assert _budgeted([], waiting).schedule()["tokens"] == 8192  # type: ignore[attr-defined]
+    assert _budgeted([], waiting, budget=None).schedule()["tokens"] == 8192  # type: ignore[attr-defined]
+
+
+def test_a_running_lower_prefill_sits_out_while_a_higher_request_waits() -> None:
+    chunked = _BudgetRequest("batch-prefill", 2, 2000, 512, images=((10, 300),))
+    decoding = _BudgetRequest("batch-decode", 2, 300, 299)
+    urgent = _BudgetRequest("urgent", 0, 80, 0, images=((10, 64),), status="WAITING")
+    sched = _budgeted([chunked, decoding], [urgent])
+    seen = sched.schedule()  # type: ignore[attr-defined]
+    assert seen["running"] == ["batch-decode"]  # the chunk waits for the next step
+    assert seen["cap"] == 7  # ... and its slot is not given away
+    assert [r.request_id for r in sched.running] == ["batch-decode", "batch-prefill"]  # type: ignore[attr-defined]
+    assert sched.max_num_active_reqs == 8  # type: ignore[attr-defined]
+    # the next image is the urgent request's: it fits the budget with the one decode
+    assert seen["encoder"] == 130
+    # without a higher request waiting, the chunk runs
+    alone = _budgeted([chunked, decoding], [])
+    assert alone.schedule()["running"] == ["batch-prefill", "batch-decode"]  # type: ignore[attr-defined]
+
+
+def test_the_fitted_step_model_replaces_the_default_profile() -> None:
+    waiting = [_BudgetRequest("b", 2, 2000, 0, status="WAITING"),
+               _BudgetRequest("i", 1, 20, 0, status="WAITING")]
+    sched = _budgeted([], waiting)
+    sched.set_step_model(0.5, 0.001, 0.0, "fit")  # type: ignore[attr-defined]
+    assert sched.schedule()["tokens"] == 2000  # type: ignore[attr-defined]  # (2.5 - 0.5) / 0.001
+    assert sched.step_budget_stats()["profile"][3] == "fit"  # type: ignore[attr-defined]
+
+
+def test_step_budget_targets_exist() -> None:
+    from pio_vllm_patches.batch_limit_scheduler import BatchLimitScheduler
+    from pio_vllm_patches.priority_preemption import PriorityPreemptionScheduler
+    from pio_vllm_patches.step_budget import StepBudgetMixin
+    from vllm.multimodal.inputs import PlaceholderRange
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    assert issubclass(BatchLimitScheduler, StepBudgetMixin)
+    assert issubclass(PriorityPreemptionScheduler, StepBudgetMixin)
+    assert {"offset", "length"} <= set(PlaceholderRange.__dataclass_fields__)
+    for name in ("num_tokens", "num_computed_tokens", "mm_features"):
+        assert hasattr(Request, name) or name in inspect.getsource(Request.__init__), name
+    schedule = inspect.getsource(Scheduler.schedule)
+    # the running loop walks self.running: a request taken out for a step is not scheduled
+    assert "while req_index < len(self.running)" in schedule
+    assert "len(self.running)" in schedule  # the running cap is checked against it
