@@ -179,6 +179,15 @@ def report(scenario: str, rounds: Sequence[Round], *, mode: str, config: str, ou
     return doc
 
 
+def command_line(scenario: str, argv: Sequence[str]) -> str:
+    """The `pio-vllm bench` command that reproduces a record (its --out dropped)."""
+    args = list(argv)
+    if "--out" in args:
+        i = args.index("--out")
+        del args[i:i + 2]
+    return " ".join(["pio-vllm bench", scenario, *[a for a in args if a != scenario]])
+
+
 def write(doc: dict[str, Any], out: Path, table: str) -> None:
     out.write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(table + "\n")

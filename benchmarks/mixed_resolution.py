@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmarks.ab import (
     Round,
+    command_line,
     environment_line,
     figure_lines,
     lost_goodput,
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload-seed", type=int, default=0)
     add_round_args(ap)
     ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    a = ap.parse_args(argv)
     out = a.out or Path(f"benchmarks/results/mixed-resolution-{a.mode}-cpu.json")
     loads = [float(x) for x in a.loads.split(",")]
     records: list[dict[str, Any]] = []
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                      "mix": "1/4 text, 1/4 each one unique 224x224 / 640x480 / 1344x1008 "
                             "image; 32-128 output tokens; Poisson arrivals"},
         "environment": env, "rounds": records,
+        "command": command_line("mixed-resolution", argv),
         "figures": summaries(per_round, a.seed),
         "verdicts": verdicts(chosen, per_round, a.seed),
     }

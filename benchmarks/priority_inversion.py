@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ab import report, run_rounds
+from benchmarks.ab import command_line, report, run_rounds
 from benchmarks.harness import BenchRequest, derive_config, ratio
 from benchmarks.protocol import Kind, Target
 from pio_vllm.admission.metrics import percentile
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     add_round_args(ap)
     ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    a = ap.parse_args(argv)
     out = a.out or Path(
         f"benchmarks/results/priority-inversion-{a.workload}-{a.mode}-cpu.json")
     work = WORKLOADS[a.workload](a.workload_seed)
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         report(f"priority-inversion-{a.workload}", rounds, mode=a.mode,
                config=str(a.config), out=out, seed=a.seed, figures=figures,
                targets=targets(a.workload),
+               extra={"command": command_line("priority-inversion", argv)},
                workload={"name": a.workload, "requests": len(work), "seed": a.workload_seed,
                          "description": WORKLOADS[a.workload].__doc__ or a.workload})
     return 0

@@ -38,7 +38,14 @@ from typing import Any
 
 import yaml
 
-from benchmarks.ab import DEFAULT_ROUNDS, basic_figures, lost_goodput, report, run_rounds
+from benchmarks.ab import (
+    DEFAULT_ROUNDS,
+    basic_figures,
+    command_line,
+    lost_goodput,
+    report,
+    run_rounds,
+)
 from benchmarks.harness import Slo, derive_config, ratio
 from benchmarks.protocol import Kind, Target, floor_ratio
 from benchmarks.workload import WorkloadSpec, generate
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         report(a.scenario, rounds, mode=a.mode, config=str(a.config), out=out,
                workload=s["workload"] | {"requests": len(s["work"])}, slo=s["slo"],
                seed=a.seed, figures=s.get("figures", basic_figures),
-               targets=s.get("targets", ()))
+               targets=s.get("targets", ()),
+               extra={"command": command_line(a.scenario, argv)})
     return 0
 
 

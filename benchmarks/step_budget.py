@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ab import report, run_rounds
+from benchmarks.ab import command_line, report, run_rounds
 from benchmarks.harness import BenchRequest, derive_config, ratio
 from benchmarks.protocol import Kind, Target
 from pio_vllm.admission.metrics import percentile
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=16, help="output tokens per request")
     add_round_args(ap)
     ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    a = ap.parse_args(argv)
     out = a.out or Path("benchmarks/results/step-budget-2b-cpu.json")
     work = workload(a.tokens)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                             work, mode="inproc", rounds=a.rounds, seed=a.seed)
         report("step-budget", rounds, mode="inproc", config=str(a.config), out=out,
                seed=a.seed, figures=figures, targets=TARGETS,
+               extra={"command": command_line("step-budget", argv)},
                workload={"requests": len(work), "model": f"pio:{a.preset}",
                          "description": workload.__doc__})
     return 0

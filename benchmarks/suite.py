@@ -75,6 +75,7 @@ PROFILES = {
                 "burst-overload", "--mode", "inproc", "--rounds", "5"), 20),
             Step("overhead-server", ("overhead", "--mode", "server", "--rounds", "5"), 20),
             Step("overhead-inproc", ("overhead", "--mode", "inproc", "--rounds", "5"), 15),
+            Step("step-budget-2b", ("step-budget", "--rounds", "5"), 30),
             Step("mixed-resolution-server", (
                 "mixed-resolution", "--mode", "server", "--rounds", "3"), 40),
             Step("mixed-resolution-inproc", (

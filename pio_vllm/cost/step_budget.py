@@ -43,14 +43,16 @@ class StepProfile:
 
 # Default profiles, before an online fit exists. `tiny-cpu`: the step model fitted in the
 # mixed-resolution benchmark on a 2-core CPU (8-13 ms + 0.60-0.79 ms per vision token, text
-# tokens below measurement). `qwen3-vl-2b-cpu`: fitted from the scheduler's step records of
-# the 2B-shaped model on the same CPU (benchmarks/results/step-budget-2b-cpu.md).
+# tokens below measurement). `qwen3-vl-2b-cpu`: fitted online from the scheduler's step
+# records of the 2B-shaped model on the same CPU in the step-budget benchmark (143 steps,
+# R^2 0.998: 112 ms + 17.4 ms per vision token; text tokens below measurement beside the
+# images, so text prefill is not capped until a fit with text prices it).
 # `qwen3-vl-2b-h100`: derived, not fitted, from the H100 anchors (../shared/gpu/README.md:
 # one request with a cached image 14-28 ms, a unique 1344x1008 image 162 ms, 12.5k output
 # tok/s at batch 128) until a GPU run replaces it.
 PROFILES: dict[str, StepProfile] = {
     "tiny-cpu": StepProfile(0.010, 0.00002, 0.0007, "fitted: mixed-resolution, 2-core CPU"),
-    "qwen3-vl-2b-cpu": StepProfile(0.35, 0.0045, 0.012,
+    "qwen3-vl-2b-cpu": StepProfile(0.112, 0.0, 0.0174,
                                    "fitted: step records of the 2B-shaped model, 2-core CPU"),
     "qwen3-vl-2b-h100": StepProfile(0.012, 0.00003, 0.00008,
                                     "derived from H100 anchors, not fitted"),

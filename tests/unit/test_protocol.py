@@ -114,3 +114,11 @@ def test_requests_pio_did_not_serve_are_sorted_by_what_plain_made_of_them() -> N
 def test_without_per_request_outcomes_there_is_no_account() -> None:
     assert lost_goodput({"requests_detail": []}, {"requests_detail": [_row("a", False)]},
                         SLO) is None
+
+
+def test_a_record_names_the_command_that_reproduces_it() -> None:
+    from benchmarks.ab import command_line
+
+    assert command_line("overhead", ["overhead", "--mode", "server", "--rounds", "5",
+                                     "--out", "/tmp/x.json"]) == (
+        "pio-vllm bench overhead --mode server --rounds 5")
