@@ -12,6 +12,7 @@ rounds, the scenario's verdicts), a markdown table and PNG plots.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -163,20 +164,40 @@ def report(scenario: str, rounds: Sequence[Round], *, mode: str, config: str, ou
         "scenario": scenario, "mode": mode, "config": config, "workload": workload,
         "slo": None if slo is None else {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "seed": seed, "environment": environment(config), "rounds": records,
-        "figures": summaries(per_round, seed),
-        "verdicts": verdicts(targets, per_round, seed),
         **(extra or {}),
     }
+    judge(doc, targets, per_round, seed)
     pngs = []
-    if rounds:
+    if rounds and "pending" not in doc:
         last = rounds[-1]
         pngs += plot_runs(last.sides, out.with_suffix(""),
                           title=f"{scenario} ({mode}, round {last.index + 1})",
                           ttft_target_s=None if slo is None else slo.ttft_s)
-    pngs += plot_rounds(doc, targets, out.with_suffix(""), title=f"{scenario} ({mode})")
+        pngs += plot_rounds(doc, targets, out.with_suffix(""), title=f"{scenario} ({mode})")
     doc["plots"] = [p.name for p in pngs]
     write(doc, out, markdown(doc))
     return doc
+
+
+def judge(doc: dict[str, Any], targets: Sequence[Target],
+          per_round: Sequence[dict[str, float | None]], seed: int) -> None:
+    """Set the record's figures (medians, intervals) and verdicts. Where scipy or matplotlib
+    is not installed (the GPU machine's offline bundle has neither), the record keeps every
+    round and its figures and says so in `pending`: `python -m benchmarks.rereport FILE`
+    judges it and draws its plots where they are."""
+    import importlib.util
+
+    missing = [m for m in ("scipy", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        doc["figures"], doc["verdicts"] = {}, []
+        doc["pending"] = (f"{' and '.join(missing)} not installed where this ran: run "
+                          "`python -m benchmarks.rereport FILE` to add the intervals, "
+                          "verdicts and plots")
+        print(f"warning: {doc['pending']}", file=sys.stderr)
+        return
+    doc.pop("pending", None)
+    doc["figures"] = summaries(per_round, seed)
+    doc["verdicts"] = verdicts(targets, per_round, seed)
 
 
 def command_line(scenario: str, argv: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ from benchmarks.ab import (
     command_line,
     environment_line,
     figure_lines,
+    judge,
     lost_goodput,
     run_rounds,
     side_record,
@@ -39,7 +40,7 @@ from benchmarks.ab import (
 )
 from benchmarks.harness import BenchRequest, Slo, derive_config, environment, ratio
 from benchmarks.plots import plot_rounds, plot_runs
-from benchmarks.protocol import Kind, Target, floor_ratio, summaries, verdict_lines, verdicts
+from benchmarks.protocol import Kind, Target, floor_ratio, verdict_lines
 
 WORDS = ("the", "red", "car", "blue", "sky", "cat", "dog", "tree", "house", "street", "light")
 SIZES: tuple[tuple[int, int] | None, ...] = (None, (224, 224), (640, 480), (1344, 1008))
@@ -252,16 +253,17 @@ def main(argv: list[str] | None = None) -> int:
                             "image; 32-128 output tokens; Poisson arrivals"},
         "environment": env, "rounds": records,
         "command": command_line("mixed-resolution", argv),
-        "figures": summaries(per_round, a.seed),
-        "verdicts": verdicts(chosen, per_round, a.seed),
     }
+    judge(doc, chosen, per_round, a.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     pngs = []
-    for load, done in last.items():
-        pngs += plot_runs(done.sides, out.with_name(f"{out.stem}-{load}x"),
-                          title=f"mixed-resolution {load}x ({a.mode}, round {done.index + 1})",
-                          ttft_target_s=SLO.ttft_s)[:1]
-    pngs += plot_rounds(doc, chosen, out.with_suffix(""), title=f"mixed-resolution ({a.mode})")
+    if "pending" not in doc:
+        for load, done in last.items():
+            pngs += plot_runs(done.sides, out.with_name(f"{out.stem}-{load}x"),
+                              title=f"mixed-resolution {load}x ({a.mode}, round "
+                              f"{done.index + 1})", ttft_target_s=SLO.ttft_s)[:1]
+        pngs += plot_rounds(doc, chosen, out.with_suffix(""),
+                            title=f"mixed-resolution ({a.mode})")
     doc["plots"] = [p.name for p in pngs]
     write(doc, out, markdown(doc))
     return 0

@@ -52,6 +52,14 @@ from benchmarks.workload import WorkloadSpec, generate
 
 NO_HARM = Target("throughput no harm", "throughput_pio_over_plain", Kind.NO_HARM, 0.98,
                  "throughput pio/plain >= 0.98x (median; lower bound >= 0.9)")
+ROUTER_NO_HARM = Target("router hop no harm", "throughput_router_over_direct", Kind.NO_HARM,
+                        0.97, "throughput through vllm-router / direct >= 0.97x")
+BURST_TARGETS = [
+    Target("SLO met", "slo_met_pio_over_plain", Kind.GAIN, 1.2,
+           "requests meeting the SLO pio/plain >= 1.2x (lower bound)"),
+    Target("lost goodput", "lost_goodput_share", Kind.AT_MOST, 0.05,
+           "requests pio did not serve that plain served within the SLO <= 5% of those "
+           "offered (upper bound)")]
 
 
 def _derive(base: Path, out: Path, preset: str | None, **sections: Any) -> str:
@@ -80,9 +88,7 @@ def router_overhead(base: Path, tmp: Path, preset: str | None, quick: bool
     s = overhead(base, tmp, preset, quick)
     path = s["sides"]["pio"][1]
     return s | {"sides": {"direct": ("pio", path), "router": ("pio-router", path)},
-                "server_only": True, "targets": [Target(
-                    "router hop no harm", "throughput_router_over_direct", Kind.NO_HARM, 0.97,
-                    "throughput through vllm-router / direct >= 0.97x")]}
+                "server_only": True, "targets": [ROUTER_NO_HARM]}
 
 
 def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
@@ -121,12 +127,7 @@ def burst_overload(base: Path, tmp: Path, preset: str | None, quick: bool) -> di
 
     return {"sides": {"plain": ("plain", path), "pio": ("pio", path)},
             "work": generate(spec), "concurrency": None, "slo": slo,
-            "workload": {"spec": repr(spec)}, "figures": figures, "targets": [
-                Target("SLO met", "slo_met_pio_over_plain", Kind.GAIN, 1.2,
-                       "requests meeting the SLO pio/plain >= 1.2x (lower bound)"),
-                Target("lost goodput", "lost_goodput_share", Kind.AT_MOST, 0.05,
-                       "requests pio did not serve that plain served within the SLO <= 5% "
-                       "of those offered (upper bound)")]}
+            "workload": {"spec": repr(spec)}, "figures": figures, "targets": BURST_TARGETS}
 
 
 def image_flood(base: Path, tmp: Path, preset: str | None, quick: bool) -> dict[str, Any]:
@@ -192,6 +193,25 @@ OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
                "mixed-resolution": "benchmarks.mixed_resolution",
                "step-budget": "benchmarks.step_budget",
                "suite": "benchmarks.suite"}
+
+
+def targets_of(doc: dict[str, Any]) -> list[Target]:
+    """A record's targets, from its scenario (what `benchmarks.rereport` judges it by)."""
+    scenario = doc["scenario"]
+    if scenario.startswith("priority-inversion-"):
+        from benchmarks.priority_inversion import targets
+
+        return targets(scenario.removeprefix("priority-inversion-"))
+    if scenario == "mixed-resolution":
+        from benchmarks.mixed_resolution import targets as mixed
+
+        return mixed([float(x) for x in doc["workload"]["loads"]])
+    if scenario == "step-budget":
+        from benchmarks.step_budget import TARGETS
+
+        return list(TARGETS)
+    return {"burst-overload": BURST_TARGETS, "router-overhead": [ROUTER_NO_HARM]}.get(
+        scenario, [NO_HARM])
 
 
 def _device_tag() -> str:

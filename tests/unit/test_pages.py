@@ -55,3 +55,39 @@ def test_readme_table_is_rewritten_between_its_markers(tmp_path: Path) -> None:
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         rewrite_readme(readme, tmp_path)
+
+
+def _pending_record(path: Path) -> None:
+    doc = {"scenario": "overhead", "mode": "server", "seed": 0, "workload": {},
+           "environment": {"device": "NVIDIA H100"}, "plots": [], "verdicts": [],
+           "figures": {}, "pending": "scipy and matplotlib not installed where this ran",
+           "rounds": [{"round": i, "order": ["plain", "pio"], "sides": {},
+                       "figures": {"throughput_pio_over_plain": v}}
+                      for i, v in enumerate((1.01, 0.99, 1.03))]}
+    path.write_text(json.dumps(doc))
+
+
+def test_a_record_made_without_scipy_is_judged_later(tmp_path: Path) -> None:
+    from benchmarks.rereport import rereport
+
+    path = tmp_path / "overhead-server-h100.json"
+    _pending_record(path)
+    doc = rereport(path)
+    assert "pending" not in doc
+    [verdict] = doc["verdicts"]  # type: ignore[misc]
+    assert verdict["rounds"] == 3 and verdict["met"] and verdict["median"] == 1.01
+    assert (tmp_path / "overhead-server-h100-rounds.png").stat().st_size > 1000
+    assert "## Verdicts" in path.with_suffix(".md").read_text()
+
+
+def test_without_scipy_the_record_says_what_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from benchmarks.ab import judge
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else real(name, *a))
+    doc: dict[str, object] = {}
+    judge(doc, [], [{"x": 1.0}], 0)
+    assert doc["verdicts"] == [] and "benchmarks.rereport" in str(doc["pending"])
