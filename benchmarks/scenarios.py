@@ -20,6 +20,8 @@
 - `smoke`: 10 requests, the CI check that both modes run end to end.
 - `suite --profile cpu-smoke|cpu|h100`: a profile's scenarios with the protocol, inside a
   time budget (benchmarks/suite.py).
+- `calibrate --out PROFILE.json`: a simulator profile fitted from a real engine's steps.
+- `replay --trace CSV`: a simulator trace on the real engine, plain and pio.
 
 Each side runs in a fresh process with the same engine arguments, every round in an order
 drawn from --seed; each scenario judges its targets on the median and 95% interval of its
@@ -192,7 +194,9 @@ GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
                "mixed-resolution": "benchmarks.mixed_resolution",
                "step-budget": "benchmarks.step_budget",
-               "suite": "benchmarks.suite"}
+               "suite": "benchmarks.suite",
+               "calibrate": "benchmarks.calibrate",
+               "replay": "benchmarks.replay"}
 
 
 def targets_of(doc: dict[str, Any]) -> list[Target]:

@@ -14,7 +14,8 @@ the values vLLM sized its buffers for at start. The encoder budget never drops b
 largest image waiting to be encoded (vLLM encodes an image whole; a smaller budget would
 starve it), so a low budget means "one large image per step", not "no image". Running
 requests are never preempted by a lowered cap; it only stops new admissions. After each
-step it records (scheduled tokens, encoder tokens, requests, step seconds) for the tuner.
+step it records (scheduled tokens, encoder tokens, requests, step seconds, the sum of each
+encoded image's tokens squared) for the tuner and for `pio-vllm bench calibrate`.
 
 Why: vLLM's limits are static; a step with a large image's prefill and a step of short
 decodes need very different limits to hold a per-token latency target (DESIGN.md; issue 4
@@ -65,10 +66,10 @@ class BatchLimitMixin:
         self.pio_max_encoder = self.pio_start_encoder
         self.pio_token_floor = self.pio_start_tokens
         self.pio_peak_running = 0
-        self.pio_samples: collections.deque[tuple[int, int, int, float]] = collections.deque(
-            maxlen=MAX_SAMPLES)
+        self.pio_samples: collections.deque[tuple[int, int, int, float, int]] = (
+            collections.deque(maxlen=MAX_SAMPLES))
         self._pio_step_started: float | None = None
-        self._pio_step_shape: tuple[int, int, int] = (0, 0, 0)
+        self._pio_step_shape: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def set_batch_limits(self, max_active: int | None, max_tokens: int | None,
                          token_floor: int | None = None,
@@ -92,7 +93,7 @@ class BatchLimitMixin:
                 "start_encoder_tokens": self.pio_start_encoder,
                 "peak_running": self.pio_peak_running}
 
-    def take_samples(self) -> list[tuple[int, int, int, float]]:
+    def take_samples(self) -> list[tuple[int, int, int, float, int]]:
         samples = list(self.pio_samples)
         self.pio_samples.clear()
         return samples
@@ -110,13 +111,15 @@ class BatchLimitMixin:
             self.max_num_encoder_input_tokens = self.pio_start_encoder
         output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         self.pio_peak_running = max(self.pio_peak_running, len(self.running))
-        encoder_tokens = 0
+        encoder_tokens = encoder_sq = 0
         for req_id, inputs in (output.scheduled_encoder_inputs or {}).items():
             request = self.requests.get(req_id)
             if request is not None:
-                encoder_tokens += sum(request.get_num_encoder_embeds(i) for i in inputs)
+                sizes = [int(request.get_num_encoder_embeds(i)) for i in inputs]
+                encoder_tokens += sum(sizes)
+                encoder_sq += sum(n * n for n in sizes)
         self._pio_step_shape = (int(output.total_num_scheduled_tokens), encoder_tokens,
-                                len(output.num_scheduled_tokens))
+                                len(output.num_scheduled_tokens), encoder_sq)
         self._pio_step_started = time.perf_counter()
         return output
 
@@ -132,9 +135,9 @@ class BatchLimitMixin:
     def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
         started, self._pio_step_started = self._pio_step_started, None
         if started is not None and self._pio_step_shape[0] > 0:
-            tokens, encoder_tokens, reqs = self._pio_step_shape
+            tokens, encoder_tokens, reqs, encoder_sq = self._pio_step_shape
             self.pio_samples.append(
-                (tokens, encoder_tokens, reqs, time.perf_counter() - started))
+                (tokens, encoder_tokens, reqs, time.perf_counter() - started, encoder_sq))
         return super().update_from_output(*args, **kwargs)  # type: ignore[misc]
 
 

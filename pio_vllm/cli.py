@@ -7,6 +7,7 @@
     pio-vllm config [--config FILE]
     pio-vllm bench SCENARIO [--mode inproc|server] [--repeats N] [--preset P]
     pio-vllm make-model DIR [--preset tiny|qwen3-vl-2b] [--seed N] [--overwrite]
+    pio-vllm simulate --config FILE (--trace CSV | --scenario NAME) [--replicas A..B] ...
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from pio_vllm.sim.cli import main as simulate_main
+
+    return simulate_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pio-vllm",
@@ -182,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_cmd_bench)
 
+    simulate = sub.add_parser(
+        "simulate", add_help=False,
+        help="pio and plain vLLM on a modelled engine: vLLM's scheduler, pio's admission, a "
+        "step-time profile, replicas behind a router (`pio-vllm simulate --help`)")
+    simulate.add_argument("rest", nargs=argparse.REMAINDER)
+    simulate.set_defaults(func=_cmd_simulate)
+
     config = sub.add_parser(
         "config", help="print the effective settings with their sources and descriptions "
         "(the settings reference)")
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     head = [a for a in argv if a not in ("-v", "--verbose")]
     passthrough = {"serve": _cmd_serve, "bench": _cmd_bench,
-                   "serve-replicas": _cmd_serve_replicas}
+                   "serve-replicas": _cmd_serve_replicas, "simulate": _cmd_simulate}
     if head[:1] and head[0] in passthrough:
         # Their flags start with "--"; argparse's REMAINDER would not collect them.
         args = argparse.Namespace(verbose=head[0] == "serve" or len(head) != len(argv),

@@ -162,7 +162,7 @@ def step_budget_config(settings: PioSettings, vllm_config: Any) -> dict[str, Any
                                       int(vllm_config.scheduler_config.max_num_batched_tokens))}
 
 
-def _read_geometry(model_path: str, engine: Mapping[str, Any]) -> VisionGeometry:
+def read_geometry(model_path: str, engine: Mapping[str, Any]) -> VisionGeometry:
     """Patch/merge sizes and min/max pixels of the model's image processor."""
     import json
 
@@ -225,7 +225,7 @@ class VllmBackend:
         self.block_size: int = int(llm.vllm_config.cache_config.block_size)
         blocks = getattr(llm.vllm_config.cache_config, "num_gpu_blocks", None)
         self.kv_blocks_total: int | None = int(blocks) if blocks else None
-        self.geometry = _read_geometry(model_path, settings.engine)
+        self.geometry = read_geometry(model_path, settings.engine)
         self.tokenizer = self._get_tokenizer()
 
     @classmethod

@@ -42,6 +42,7 @@ class StepSample:
     vision_tokens: int  # vision tokens encoded in the step
     requests: int
     step_s: float
+    vision_tokens_sq: int = 0  # the sum of each encoded image's vision tokens squared
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pio_vllm.cost.vision_tokens import vision_tokens
-from pio_vllm.engine.vllm_backend import _read_geometry
+from pio_vllm.engine.vllm_backend import read_geometry
 
 pytestmark = [pytest.mark.engine]
 
@@ -34,7 +34,7 @@ def _vllm_count(model_dir: Path, mm_kwargs: dict[str, Any], width: int, height: 
 @pytest.mark.parametrize("mm_kwargs", [{}, {"max_pixels": 1003520, "min_pixels": 200704}],
                          ids=["checkpoint-limits", "configured-limits"])
 def test_counts_match_vllm_for_many_sizes(tiny_model_dir: Path, mm_kwargs: dict) -> None:  # type: ignore[type-arg]
-    geometry = _read_geometry(str(tiny_model_dir), {"mm_processor_kwargs": mm_kwargs})
+    geometry = read_geometry(str(tiny_model_dir), {"mm_processor_kwargs": mm_kwargs})
     if mm_kwargs:
         assert (geometry.min_pixels, geometry.max_pixels) == (200704, 1003520)
     for width, height in SIZES:
