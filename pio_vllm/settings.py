@@ -8,6 +8,9 @@ the `config_path` argument of `PioSettings.load`, else `$PIO_CONFIG`, else none.
 `engine` holds vLLM's own engine arguments (the fields of `vllm.AsyncEngineArgs`, the same
 names as `vllm serve` flags with `_` for `-`), passed to vLLM verbatim; pio never re-declares
 them. This module is the only one that reads the environment.
+
+Size: one settings object, every field with its description and validator (the
+settings reference is generated from them), so the whole tree lives here (~680 lines).
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ class ImageSettings(BaseModel):
     @field_validator("allowed_private_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        from pio_vllm.intake.address_policy import parse_exception
+        from pio_vllm.netspec import parse_exception
 
         for spec in value:
             parse_exception(spec)  # ValueError names the spec and the accepted forms
@@ -378,6 +381,16 @@ class ServerSettings(BaseModel):
     priority_header: str = Field(
         default="X-Priority", description="Header naming a request's class or level."
     )
+    objectives: dict[str, str] = Field(
+        default_factory=dict,
+        description="llm-d / Gateway API Inference Extension objective name -> pio class: "
+        "a request's `x-llm-d-inference-objective` (else the legacy "
+        "`x-gateway-inference-objective`) header names its class through this map, ahead of "
+        "X-Priority (an objective not in the map is a 400 naming the configured ones; the "
+        "key's class and priority_ceiling still bound it). InferenceObjective priorities "
+        "are higher-is-more-critical; pio levels are lower-is-first: map by name, not by "
+        "number.",
+    )
     timeout_header: str = Field(
         default="X-Request-Timeout-S",
         description="Header with a request's deadline in seconds from arrival (504 after).",
@@ -504,6 +517,11 @@ class PioSettings(BaseSettings):
                 f"default_priority_class {self.default_priority_class!r} is not one of the "
                 f"priority_classes {sorted(self.priority_classes)}"
             )
+        for objective, cls in self.server.objectives.items():
+            if cls not in self.priority_classes:
+                raise ValueError(
+                    f"server.objectives[{objective!r}] names class {cls!r}; accepted: "
+                    f"{sorted(self.priority_classes)}")
         ceiling = self.server.priority_ceiling
         if ceiling is not None and ceiling not in self.priority_classes:
             raise ValueError(

@@ -58,7 +58,8 @@ def shared_server_config(path: Path, image_port: int) -> Path:
         images={"max_image_bytes": 2_000_000,
                 "allowed_private_networks": [f"127.0.0.1/32:{image_port}"]},
         server={"api_keys": [{"key": k, **v} for k, v in KEYS.items()],
-                "drain_timeout_s": 4.0, "body_timeout_s": 3.0, "max_body_bytes": 4_000_000},
+                "drain_timeout_s": 4.0, "body_timeout_s": 3.0, "max_body_bytes": 4_000_000,
+                "objectives": {"chat": "interactive", "offline": "batch"}},
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +129,7 @@ class AdmissionMetrics:
     def __init__(self, class_names: list[str], registry: Any | None = None) -> None:
         self._classes: dict[str, _ClassCounters] = {n: _ClassCounters() for n in class_names}
         self._prom = PrometheusExporter(registry) if registry is not None else None
+        self._held_listeners: list[Callable[[], None]] = []
 
     def _get(self, cls: str) -> _ClassCounters:
         return self._classes[cls]  # configured classes only: a bounded label set
@@ -138,18 +139,27 @@ class AdmissionMetrics:
         if self._prom is not None:
             self._prom.events.labels(cls, event.value).inc(n)
 
+    def on_held_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever the queued or preparing count of a class changes
+        (keep it short: it runs inside admission's decisions)."""
+        self._held_listeners.append(listener)
+
     def add_queued(self, cls: str, delta: int) -> None:
         c = self._get(cls)
         c.queued += delta
         if self._prom is not None:
             self._prom.queued.labels(cls).set(c.queued)
             self._prom.queue_depth.inc(delta)
+        for listener in self._held_listeners:
+            listener()
 
     def add_preparing(self, cls: str, delta: int) -> None:
         c = self._get(cls)
         c.preparing += delta
         if self._prom is not None:
             self._prom.preparing.labels(cls).set(c.preparing)
+        for listener in self._held_listeners:
+            listener()
 
     def add_running(self, cls: str, delta: int) -> None:
         c = self._get(cls)

@@ -13,6 +13,10 @@ with a prompt vLLM's serving layer rendered (`generate_rendered`). Preemption of
 lower-priority work happens inside vLLM's scheduler (patches/priority_preemption.py). The
 EngineCore and its worker run in child processes that vLLM spawns; this object lives in the
 caller's event loop.
+
+Size: this is the public API (generate, generate_rendered for the server, generate_batch,
+complete, stats, lifecycle) and the wiring of its parts; the stages themselves are the
+modules named above (~590 lines).
 """
 
 from __future__ import annotations
@@ -161,7 +165,11 @@ class PioEngine:
                 lambda st: controller.update_engine(st.kv_cache_usage, st.num_running,
                                                     st.inter_token_s_total,
                                                     st.inter_tokens_total))
-            backend.probe.add_waiting(lambda: controller.queued_count())
+            # vllm:num_requests_waiting counts what pio holds before vLLM too (its queue
+            # and its rendering), refreshed whenever that changes, not only per engine step
+            backend.probe.add_waiting(
+                lambda: controller.queued_count() + controller.preparing_count())
+            controller.metrics.on_held_change(backend.probe.refresh_waiting)
         images = ImageLoader(self._settings.images)
         intake = RequestIntake(
             images, tokenizer=backend.tokenizer, geometry=backend.geometry,

@@ -6,10 +6,14 @@ StatLoggerBase (interface identical in vLLM 0.23 and 0.32) that keeps the latest
 step timing for pio's admission and tuning; it never logs.
 
 pio's loggers run before vLLM's own (vLLM 0.32 StatLoggerManager puts custom loggers first),
-so the probe also adds the requests waiting in pio's queue to the stats' waiting count
-(`add_waiting`): vLLM's `vllm:num_requests_waiting` gauge, which routers and Gateway API
-endpoint pickers read as a replica's queue, then counts the requests pio holds back too
-(otherwise it reads about 0 on a saturated replica, since pio keeps vLLM's queue short).
+so the probe also adds the requests pio holds before vLLM (its queue and its rendering) to
+the stats' waiting count (`add_waiting`): vLLM's `vllm:num_requests_waiting` gauge, which
+routers and Gateway API / llm-d endpoint pickers read as a replica's queue, then counts
+them too (otherwise it reads about 0 on a saturated replica, since pio keeps vLLM's queue
+short; upstream, requests stuck in rendering are invisible there, vLLM #44688). vLLM sets
+the gauge once per engine step; pio's own Prometheus logger (`prometheus_logger`, vLLM's
+with a hook) lets the probe set it again whenever pio's count changes (`refresh_waiting`),
+so it is current between steps and while the engine is idle.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ class EngineStatsProbe:
         self._stats = EngineStats(0, 0, 0.0, 0, None, 0, 0)
         self._listeners: list[Callable[[EngineStats], None]] = []
         self._extra_waiting: Callable[[], int] | None = None
+        self._waiting_gauges: list[Any] = []  # vllm:num_requests_waiting, per engine
+
+    def refresh_waiting(self) -> None:
+        """Set vLLM's waiting gauge to the engine's last count plus what pio holds now."""
+        if self._waiting_gauges and self._extra_waiting is not None:
+            value = self._stats.num_waiting + self._extra_waiting()
+            for gauge in self._waiting_gauges:
+                gauge.set(value)
 
     def snapshot(self) -> EngineStats:
         return self._stats
@@ -114,6 +126,22 @@ class EngineStatsProbe:
                 pass
 
         return _ProbeLogger
+
+
+def prometheus_logger(probe: EngineStatsProbe) -> type[Any]:
+    """vLLM's Prometheus stat logger, whose `vllm:num_requests_waiting` gauges the probe can
+    also set between steps (`refresh_waiting`). Given as a stat logger, it replaces the one
+    vLLM would add (vLLM 0.23 and 0.32 `StatLoggerManager.__init__`)."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class PioPrometheusLogger(PrometheusStatLogger):  # type: ignore[misc]
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+            super().__init__(vllm_config, engine_indexes)
+            gauges = getattr(self, "gauge_scheduler_waiting", None)
+            if isinstance(gauges, dict):  # per engine index (0.32, 0.23)
+                probe._waiting_gauges = list(gauges.values())
+
+    return PioPrometheusLogger
 
 
 def silent_prometheus_logger() -> type[Any]:

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from pio_vllm.cost.vision_tokens import VisionGeometry
-from pio_vllm.engine.stats_probe import EngineStatsProbe, silent_prometheus_logger
+from pio_vllm.engine.stats_probe import (
+    EngineStatsProbe,
+    prometheus_logger,
+    silent_prometheus_logger,
+)
 from pio_vllm.errors import (
     ConfigError,
     EngineDeadError,
@@ -259,8 +263,8 @@ class VllmBackend:
         scheduler = install_pio_scheduler(vllm_config, settings)
         probe = EngineStatsProbe()
         loggers: list[Any] = [probe.logger_factory()]
-        if args.disable_log_stats:
-            loggers.append(silent_prometheus_logger())
+        loggers.append(silent_prometheus_logger() if args.disable_log_stats
+                       else prometheus_logger(probe))
         t0 = time.perf_counter()
         try:
             llm = AsyncLLM.from_vllm_config(

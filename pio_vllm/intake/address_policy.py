@@ -18,51 +18,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from pio_vllm.netspec import IPAddress, IPNetwork, NetworkException, parse_exception
+
+__all__ = ["AddressPolicy", "IPAddress", "IPNetwork", "NetworkException", "embedded_ipv4",
+           "parse_exception", "refusal_reason"]
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-@dataclass(frozen=True)
-class NetworkException:
-    """One allowed non-global destination: a network, and optionally a single port."""
-
-    network: IPNetwork
-    port: int | None = None
-
-    def covers(self, address: IPAddress, port: int) -> bool:
-        return address in self.network and (self.port is None or self.port == port)
-
-
-def parse_exception(spec: str) -> NetworkException:
-    """'10.0.0.0/8', '127.0.0.1/32:8080', '[::1]/128:8080' or '[fd00::]/8'.
-
-    Raises ValueError naming the spec and the accepted forms."""
-    text = spec.strip()
-    port: int | None = None
-    if text.startswith("["):
-        inner, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ValueError(f"network {spec!r}: missing ']'; accepted: '[fd00::]/8:PORT'")
-        network_text = inner + (rest.split(":", 1)[0] if rest.startswith("/") else "")
-        port_text = rest.split(":", 1)[1] if ":" in rest else None
-    else:
-        network_text, _, port_text_raw = text.partition(":")
-        port_text = port_text_raw or None
-    try:
-        network = ipaddress.ip_network(network_text, strict=False)
-        if port_text is not None:
-            port = int(port_text)
-            if not 0 < port < 65536:
-                raise ValueError(port_text)
-    except ValueError as e:
-        raise ValueError(
-            f"network {spec!r} is not valid ({e}); accepted: 'CIDR' or 'CIDR:PORT', e.g. "
-            "'10.0.0.0/8', '127.0.0.1/32:8080', '[fd00::]/8:9000'") from None
-    return NetworkException(network, port)
 
 
 def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:

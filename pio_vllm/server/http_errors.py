@@ -67,17 +67,29 @@ def error_body(message: str, status: HTTPStatus, param: str | None = None) -> di
                       "code": status.value}}
 
 
-def _headers(retry_after_s: float | None) -> dict[str, str]:
-    if retry_after_s is None:
-        return {}
-    return {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+# llm-d's flow control names why it dropped a request in this header; pio does the same
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+
+
+def _headers(retry_after_s: float | None, dropped: str | None = None) -> dict[str, str]:
+    """Retry-After (whole seconds) and, for a shed request, the machine-readable reason
+    (`queue_full`, `slo_infeasible`, `deadline_infeasible`)."""
+    headers = {} if retry_after_s is None else {
+        "Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    if dropped is not None:
+        headers[DROPPED_REASON_HEADER] = dropped
+    return headers
+
+
+def dropped_reason_for(error: PioError) -> str | None:
+    return error.reason if isinstance(error, RequestRejectedError) else None
 
 
 def error_response(error: PioError, param: str | None = None) -> JSONResponse:
     """The HTTP response for `error` (before a response has started)."""
     status = status_for(error)
     return JSONResponse(error_body(str(error), status, param), status_code=status.value,
-                        headers=_headers(retry_after_for(error)))
+                        headers=_headers(retry_after_for(error), dropped_reason_for(error)))
 
 
 class PioHTTPError(GracefulHTTPError):
@@ -87,6 +99,7 @@ class PioHTTPError(GracefulHTTPError):
     def __init__(self, error: PioError) -> None:
         super().__init__(str(error), status_for(error))
         self.retry_after_s = retry_after_for(error)
+        self.dropped_reason = dropped_reason_for(error)
 
 
 def to_vllm_error(error: PioError) -> PioHTTPError:
@@ -97,7 +110,7 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PioHTTPError)
     status = HTTPStatus(exc.http_status)
     return JSONResponse(error_body(exc.message, status), status_code=status.value,
-                        headers=_headers(exc.retry_after_s))
+                        headers=_headers(exc.retry_after_s, exc.dropped_reason))
 
 
 def install_error_handler(app: Any) -> None:

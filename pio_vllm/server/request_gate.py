@@ -30,6 +30,9 @@ before vLLM sees it. For the routes it serves, in order, before vLLM parses anyt
 What the gate decided travels to `PioEngineClient` in a context variable (`current_request`);
 an admission place that no engine call took over is released when the response ends.
 Errors are OpenAI-style bodies from `http_errors.py`.
+
+Size: the checks above run in this order on one request's ASGI scope and body, each a
+short method of the gate; the route and media policies are their own modules (~620 lines).
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ Send = Callable[[Message], Awaitable[None]]
 VLLM_PRIORITY_HEADER = "x-vllm-priority"  # vLLM 0.32 GenerateBaseServing.PRIORITY_HEADER
 # SLO admission's TTFT prediction for the request (seconds from arrival), on its response.
 PREDICTED_TTFT_HEADER = "x-pio-predicted-ttft-s"
+# llm-d's router (and the Gateway API Inference Extension before it): the request's objective
+# and per-request SLO (milliseconds)
+OBJECTIVE_HEADERS = ("x-llm-d-inference-objective", "x-gateway-inference-objective")
+SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-llm-d-slo-tpot-ms"
 
 
 @dataclass
@@ -358,6 +366,9 @@ class RequestGate:
         deadline_at = self._deadline(scope)
         slots = self._sequences(payload)
         served = ServedRequest(level, name, tenant, deadline_at)
+        # per-request SLO headers (llm-d) are checked whether or not admission runs
+        ttft_target_s = _slo_header(scope, SLO_TTFT_HEADER)
+        tpot_target_s = _slo_header(scope, SLO_TPOT_HEADER)
         admission = self._engine.admission
         if admission is not None:
             prompt_tokens, vision_tokens = estimate_payload(
@@ -365,7 +376,8 @@ class RequestGate:
                 self._settings.admission.unknown_image_vision_tokens)
             ticket = admission.ticket(f"http-{next(self._ids)}", level, name, deadline_at,
                                       slots=slots, prompt_tokens=prompt_tokens,
-                                      vision_tokens=vision_tokens)
+                                      vision_tokens=vision_tokens,
+                                      ttft_target_s=ttft_target_s, tpot_target_s=tpot_target_s)
             if not await _wait_unless_disconnected(admission.admit(ticket), receive):
                 return None
             served.ticket = ticket
@@ -374,8 +386,9 @@ class RequestGate:
 
     def _priority(self, scope: Scope, payload: dict[str, Any],
                   key_class: str | None) -> tuple[int, str]:
-        raw: Any = None
-        for header in (self._server.priority_header.lower(), VLLM_PRIORITY_HEADER):
+        raw: Any = self._objective_class(scope)
+        for header in (() if raw is not None else (
+                self._server.priority_header.lower(), VLLM_PRIORITY_HEADER)):
             value = _header(scope, header)
             if value is not None:
                 raw = value.strip()
@@ -398,6 +411,21 @@ class RequestGate:
                 f"priority {raw!r} (level {level}) is above {whose} {ceiling!r} (level "
                 f"{ceiling_level}); accepted: levels >= {ceiling_level}")
         return level, name
+
+    def _objective_class(self, scope: Scope) -> str | None:
+        """The class an llm-d / GIE objective header names (server.objectives), if any."""
+        for header in OBJECTIVE_HEADERS:
+            value = _header(scope, header)
+            if value is None:
+                continue
+            name = value.strip()
+            cls = self._server.objectives.get(name)
+            if cls is None:
+                raise UnknownPriorityError(
+                    f"{header}: objective {name[:60]!r} is not configured; accepted: "
+                    f"{sorted(self._server.objectives) or 'none (server.objectives is empty)'}")
+            return cls
+        return None
 
     def _deadline(self, scope: Scope) -> float | None:
         header = _header(scope, self._server.timeout_header.lower())
@@ -585,3 +613,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def _slo_header(scope: Scope, name: str) -> float | None:
+    """A per-request SLO header in milliseconds, as seconds (None: absent)."""
+    value = _header(scope, name)
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms < 86_400_000:
+        raise InvalidRequestError(f"{name}: {value[:40]!r} is invalid; accepted: a positive "
+                                  "number of milliseconds")
+    return ms / 1000.0

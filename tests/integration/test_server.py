@@ -17,7 +17,14 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import FILL_TOKENS, encode, noise_image, png_with_header_size, serve_bytes
+from tests.helpers import (
+    FILL_TOKENS,
+    HeldImage,
+    encode,
+    noise_image,
+    png_with_header_size,
+    serve_bytes,
+)
 from tests.server_helpers import MODEL, ImageHost, Server, metric
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -161,6 +168,7 @@ async def test_shed_is_429_with_retry_after(server: Server) -> None:
             return 200
         except openai.RateLimitError as e:
             assert e.response.headers["Retry-After"].isdigit()
+            assert e.response.headers["x-llm-d-request-dropped-reason"] == "queue_full"
             assert "queue is full" in e.message
             return 429
 
@@ -365,3 +373,35 @@ def test_vllm_bench_serve_client_works_against_pio(server: Server, tiny_model_di
     result = bench_serve(args)
     assert result["completed"] == 8, result
     assert result["total_output_tokens"] == 8 * 16
+
+
+async def test_waiting_gauge_counts_what_pio_holds_and_objectives_name_classes(
+        server: Server, image_host: ImageHost) -> None:
+    """vllm:num_requests_waiting (what llm-d's endpoint picker reads) counts vLLM's waiting
+    queue plus pio's queue plus the requests pio is rendering; an llm-d objective header
+    names the class (server.objectives)."""
+    png = encode(noise_image(64, 48, seed=9))
+    held = HeldImage(png)
+    image_host.routes["/held-gauge.png"] = held.route
+    streams = await _fill_capacity(server)  # 4 running + 2 waiting in vLLM
+    queued = asyncio.create_task(client(server, "key-batch").completions.create(
+        model=MODEL, prompt="queued", max_tokens=4))
+    preparing = asyncio.create_task(client(server, "key-interactive").chat.completions.create(
+        model=MODEL, messages=image_message(image_host.base + "/held-gauge.png"),  # type: ignore[arg-type]
+        max_tokens=4, extra_headers={"x-llm-d-inference-objective": "chat"}))
+    try:
+        await asyncio.to_thread(held.wait_fetches, 1)  # admitted: its image is being fetched
+        await _until(lambda: metric(scrape(server), "pio_queued_requests") == 1)
+        # vLLM's 2 waiting + pio's 1 queued + 1 rendering, without waiting for a step
+        assert metric(scrape(server), "vllm:num_requests_waiting") == 4
+        assert metric(scrape(server), "pio_preparing_requests",
+                      priority_class="interactive") == 1
+    finally:
+        held.release()
+        for stream in streams:
+            await stream.close()  # type: ignore[attr-defined]
+    answer = await asyncio.wait_for(preparing, 60)
+    assert answer.choices[0].finish_reason == "length"
+    await asyncio.wait_for(queued, 60)
+    text = await wait_idle(server)
+    assert metric(text, "vllm:num_requests_waiting") == 0

@@ -22,8 +22,13 @@ class Downstream:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, bytes]] = []
+        self.classes: list[str] = []  # the class the gate decided, per request
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from pio_vllm.server.request_gate import current_request
+
+        served = current_request.get()
+        self.classes.append(served.class_name if served is not None else "-")
         body = b""
         if scope["type"] == "http":
             message = await receive()
@@ -159,3 +164,41 @@ def test_media_scan_finds_every_shape_and_skips_schemas() -> None:
     assert content[1]["image_url"].startswith("data:")
     assert content[3]["source"] == {"type": "base64", "media_type": "image/png",
                                     "data": "QUJD"}
+
+
+async def test_llm_d_objectives_name_the_class_and_slo_headers_are_checked() -> None:
+    """`x-llm-d-inference-objective` (else the legacy GIE header) names the class through
+    server.objectives, ahead of X-Priority and never above the key's ceiling; an unknown
+    objective is a 400 naming the configured ones; per-request SLO headers must be positive
+    milliseconds."""
+    app, downstream = gated_app(
+        objectives={"chat": "interactive", "offline": "batch"}, priority_ceiling="interactive")
+    body = {"model": "pio:tiny", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": "Bearer k1"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gate") as c:
+        async def post(**headers: str) -> httpx.Response:
+            return await c.post("/v1/chat/completions", json=body, headers={**auth, **headers})
+
+        assert (await post(**{"x-llm-d-inference-objective": "offline",
+                              "X-Priority": "interactive"})).status_code == 200
+        assert (await post(**{"x-gateway-inference-objective": "chat"})).status_code == 200
+        r = await post(**{"x-llm-d-inference-objective": "premium"})
+        assert r.status_code == 400 and "'premium' is not configured" in r.text
+        assert "['chat', 'offline']" in r.text and r.json()["error"]["param"] == "priority"
+        for bad in ("0", "-5", "soon"):
+            r = await post(**{"x-llm-d-slo-ttft-ms": bad})
+            assert r.status_code == 400 and "positive number of milliseconds" in r.text, bad
+        assert (await post(**{"x-llm-d-slo-ttft-ms": "250",
+                              "x-llm-d-slo-tpot-ms": "40"})).status_code == 200
+    assert downstream.classes == ["batch", "interactive", "standard"]
+
+
+def test_a_shed_response_names_its_reason_for_llm_d() -> None:
+    from pio_vllm.errors import RequestRejectedError
+    from pio_vllm.server.http_errors import DROPPED_REASON_HEADER, error_response
+
+    response = error_response(RequestRejectedError("shed", 2.5, "slo_infeasible"))
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "3"
+    assert response.headers[DROPPED_REASON_HEADER] == "slo_infeasible"

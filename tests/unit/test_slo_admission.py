@@ -351,9 +351,9 @@ async def test_work_that_never_reaches_the_engine_is_given_back() -> None:
     est = submit(ctl, eng, "est", "standard", vision=1344)
     await settle()
     assert "est" in eng.granted
-    before = ctl._bucket.level(clock.now)
+    before = ctl._slo.bucket.level(clock.now)
     ctl.reprice(est, prompt_tokens=69, vision_tokens=49)  # type: ignore[arg-type]
-    assert ctl._bucket.level(clock.now) - before == pytest.approx(
+    assert ctl._slo.bucket.level(clock.now) - before == pytest.approx(
         MODEL.work_s(1364, 1344) - MODEL.work_s(69, 49))
 
 
@@ -498,7 +498,7 @@ async def test_one_request_at_a_time_into_an_idle_engine_is_never_refused() -> N
         ctl.observe_ttft(ticket, served)  # type: ignore[arg-type]
         eng.finish(ticket)  # type: ignore[arg-type]
         clock.now += 0.01
-    assert ctl._bucket.level(clock.now) > 0
+    assert ctl._slo.bucket.level(clock.now) > 0
     # two at a time: each enters while the other runs, now at the learnt price
     pair = [submit(ctl, eng, f"p{i}", "interactive", vision=300) for i in range(2)]
     await settle()
@@ -521,3 +521,17 @@ async def test_the_bucket_takes_the_model_price_where_the_learnt_service_time_is
     other = submit(ctl, eng, "other", "standard", vision=300)
     await settle()
     assert other.charged_s == pytest.approx(MODEL.work_s(320, 300))  # type: ignore[attr-defined]
+
+
+def test_a_request_may_tighten_its_slo_but_never_loosen_it() -> None:
+    clock = FakeClock()
+    ctl = slo_controller(clock, work_burst_s=1.0)
+    target = ctl._classes["interactive"].ttft_target_s  # type: ignore[attr-defined]
+    tight = ctl.ticket("t", 0, "interactive", None, ttft_target_s=target / 2,
+                       tpot_target_s=0.001)
+    loose = ctl.ticket("l", 0, "interactive", None, ttft_target_s=target * 10)
+    assert tight.ttft_target_s == target / 2 and tight.slo_ttft_s == target / 2
+    assert tight.tpot_target_s == 0.001
+    assert loose.ttft_target_s == target
+    none = ctl.ticket("n", 2, "batch", None, ttft_target_s=0.3)  # a class without an SLO
+    assert none.ttft_target_s == 0.3
