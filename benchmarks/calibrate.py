@@ -10,11 +10,11 @@ sum of each image's tokens squared, seconds) and fits
 
     step_s = base + per_token * tokens + per_vision * vision + per_vision_sq * sum(image^2)
 
-by least squares with non-negative terms (a term whose slope comes out negative is dropped
-and the rest refitted, as BatchTuner does), keeping the residual factors (actual/predicted,
-at 101 quantiles) so simulated steps keep the real tails. Preparation time is fitted the
-same way from each request's intake time (`RequestTimings.intake_s`) against its vision
-tokens. The profile JSON says what it was fitted on in its `source`.
+by least squares with non-negative terms (`fit_nonnegative`, BatchTuner's fit: a term whose
+slope comes out negative is dropped and the rest refitted), keeping the residual factors
+(actual/predicted, at 101 quantiles) so simulated steps keep the real tails. Preparation
+time is fitted the same way from each request's intake time (`RequestTimings.intake_s`)
+against its vision tokens. The profile JSON says what it was fitted on in its `source`.
 """
 
 from __future__ import annotations
@@ -30,28 +30,9 @@ import numpy as np
 
 from benchmarks.harness import cpu_model
 from pio_vllm.sim.profile import SimProfile
+from pio_vllm.tuning.batch_tuner import fit_nonnegative
 
 SIZES = ((224, 224), (448, 336), (640, 480), (1344, 1008))
-
-
-def fit_nonnegative(columns: dict[str, np.ndarray], y: np.ndarray
-                    ) -> tuple[float, dict[str, float], float]:
-    """(intercept, slopes by name, R^2) of y ~ 1 + columns, slopes kept >= 0."""
-    terms = {k: v for k, v in columns.items() if v.any()}
-    n = len(y)
-    while True:
-        x = np.stack([np.ones(n), *terms.values()], axis=1)
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        negative = [k for k, c in zip(terms, coef[1:], strict=True) if c < 0]
-        if not negative:
-            break
-        del terms[negative[0]]
-    slopes = {k: 0.0 for k in columns} | dict(zip(terms, (float(c) for c in coef[1:]),
-                                                  strict=True))
-    pred = x @ coef
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 0.0
-    return max(0.0, float(coef[0])), slopes, r2
 
 
 def fit_profile(name: str, samples: list[tuple[int, int, int, float, int]],

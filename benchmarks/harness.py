@@ -450,7 +450,9 @@ def environment(settings_path: str) -> dict[str, Any]:
     settings = PioSettings.load(settings_path)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+    # changes to the code, not the records a run writes into benchmarks/results
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)benchmarks/results"],
                            capture_output=True, text=True).stdout.strip()
     return {
         "vllm": vllm.__version__, "torch": torch.__version__,

@@ -84,4 +84,55 @@ def scenario_trace(name: str, capacity: float | None, model_path: str) -> list[T
     return to_trace(scenario_work(name, capacity), model_path)
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "from_trace", "scenario_trace", "scenario_work", "to_trace"]
+__all__ = ["IMAGE_PLACEHOLDER", "from_trace", "gpu_mix_trace", "scenario_trace",
+           "scenario_work", "to_trace"]
+
+
+def gpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[TraceRow]:
+    """A GPU-scale mix for capacity planning: Poisson arrivals at `rate_per_s`; 30%
+    interactive chat (a 448x448 image, 24-64 text tokens, 64 output tokens), 70% batch work
+    (a unique image of 448x448 to 1344x1008, 256 output tokens)."""
+    rng = random.Random(seed)
+    rows: list[TraceRow] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate_per_s)
+        if t > minutes * 60:
+            return rows
+        if rng.random() < 0.3:
+            rows.append(TraceRow(round(t, 6), "interactive", rng.randint(24, 64), 64, 448, 448))
+        else:
+            w, h = rng.choice([(448, 448), (896, 672), (1344, 1008)])
+            rows.append(TraceRow(round(t, 6), "batch", rng.randint(24, 64), 256, w, h))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write a trace: `python -m benchmarks.sim_workloads gpu-mix RATE MINUTES OUT.csv` or
+    `python -m benchmarks.sim_workloads SCENARIO MODEL_DIR OUT.csv [--capacity C]`."""
+    import argparse
+    import sys
+
+    from pio_vllm.sim.trace import write_trace
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sim_workloads",
+                                 description=main.__doc__)
+    ap.add_argument("workload")
+    ap.add_argument("args", nargs="+")
+    ap.add_argument("--capacity", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.workload == "gpu-mix":
+        rate, minutes, out = float(a.args[0]), float(a.args[1]), a.args[2]
+        rows = gpu_mix_trace(rate, minutes, a.seed)
+    else:
+        model, out = a.args[0], a.args[1]
+        rows = scenario_trace(a.workload, a.capacity, model)
+    write_trace(rows, out)
+    print(f"wrote {out}: {len(rows)} requests")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

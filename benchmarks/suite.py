@@ -41,6 +41,7 @@ class Step:
     name: str
     argv: tuple[str, ...]
     minutes: float
+    config: str | None = None  # the step's own settings file (None: the profile's)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ PROFILES = {
                 "burst-overload", "--mode", "inproc", "--rounds", "5"), 20),
             Step("overhead-server", ("overhead", "--mode", "server", "--rounds", "5"), 20),
             Step("overhead-inproc", ("overhead", "--mode", "inproc", "--rounds", "5"), 15),
-            Step("step-budget-2b", ("step-budget", "--rounds", "5"), 30),
+            Step("step-budget-2b", ("step-budget", "--rounds", "5"), 30,
+                 config="configs/qwen3-vl-2b-instruct-cpu.yaml"),
             Step("mixed-resolution-server", (
                 "mixed-resolution", "--mode", "server", "--rounds", "3"), 40),
             Step("mixed-resolution-inproc", (
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[suite {i + 1}/{len(steps)}] {step.name} (about {step.minutes} min; "
               f"{budget - used_min:.1f} min left)", flush=True)
-        done.append(run_step(step, config, step_out(a.out_dir, profile, step)))
+        done.append(run_step(step, step.config if a.config is None and step.config else config,
+                             step_out(a.out_dir, profile, step)))
     doc = {"profile": profile.name, "description": profile.description, "config": config,
            "budget_min": budget, "wall_min": round((time.monotonic() - started) / 60, 2),
            "steps": done}

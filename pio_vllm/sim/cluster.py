@@ -15,6 +15,7 @@ import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pio_vllm.cost.vision_tokens import VisionGeometry, vision_tokens
 from pio_vllm.errors import ConfigError
@@ -119,7 +120,17 @@ async def _run(settings: PioSettings, model_path: str, profile: SimProfile,
                 break
         return outcome
 
-    outcomes = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+    served: asyncio.Future[list[Outcome]] = asyncio.ensure_future(
+        asyncio.gather(*(one(i, r) for i, r in enumerate(rows))))
+    # an engine that fails (or gets stuck) ends the run with its error, not a hang
+    watched: list[asyncio.Future[Any]] = [served, *steps]
+    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in steps if t.done() and not t.cancelled() and t.exception()]
+    if failed and not served.done():
+        served.cancel()
+        await asyncio.gather(served, return_exceptions=True)
+        raise failed[0].exception()  # type: ignore[misc]
+    outcomes = await served
     wall = loop.time() - start
     for task in steps:
         task.cancel()

@@ -33,6 +33,7 @@ from pio_vllm.sim.profile import SimProfile
 
 SAMPLED_TOKEN = 11  # any id that is not EOS: outputs have fixed lengths (ignore_eos)
 IMAGE_PAD = 7  # the placeholder tokens of an image (its identity is in its mm feature)
+IDLE_STEP_LIMIT = 10_000  # steps that schedule nothing before the run is declared stuck
 
 
 @dataclass
@@ -175,12 +176,19 @@ class ModelledEngine:
     async def run(self) -> None:
         """Step while there is work; wait for work otherwise (the engine's busy loop)."""
         loop = asyncio.get_running_loop()
+        idle_steps = 0
         while True:
             if not self.scheduler.has_requests():
                 self._work.clear()
                 await self._work.wait()
                 continue
             output = self.scheduler.schedule()
+            idle_steps = 0 if output.total_num_scheduled_tokens else idle_steps + 1
+            if idle_steps > IDLE_STEP_LIMIT:
+                raise ConfigError(
+                    f"the modelled engine scheduled nothing for {IDLE_STEP_LIMIT} steps with "
+                    f"{len(self.scheduler.requests)} requests held (KV cache or encoder "
+                    "budget too small for them?)")
             step_s = self._profile.step_s(
                 int(output.total_num_scheduled_tokens), self._image_tokens(output), self._rng)
             self.steps += 1

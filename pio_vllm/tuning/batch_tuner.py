@@ -92,6 +92,33 @@ class TunerStats:
     decisions: int
 
 
+def fit_nonnegative(columns: dict[str, np.ndarray], y: np.ndarray
+                    ) -> tuple[float, dict[str, float], float]:
+    """(base, slopes by column, R^2) of the least-squares fit y ~ base + sum(slope * column).
+
+    Non-negative by elimination: a step's tokens include its image placeholders, so the work
+    terms are correlated and a free fit can give one a negative slope; such a term is
+    dropped (slope 0) and the rest refitted, rather than clipped (clipping breaks the fit).
+    A column that is all zero is not fitted. The base is floored at 0."""
+    terms = {name: column for name, column in columns.items() if column.any()}
+    n = len(y)
+    while True:
+        x = np.stack([np.ones(n), *terms.values()], axis=1)
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        negative = [name for name, c in zip(terms, coef[1:], strict=True) if c < 0]
+        if not negative:
+            break
+        del terms[negative[0]]
+    base = max(0.0, float(coef[0]))
+    slopes = {name: 0.0 for name in columns} | dict(
+        zip(terms, (float(c) for c in coef[1:]), strict=True))
+    pred = base + sum(slopes[name] * terms[name] for name in terms)
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
+    return base, slopes, r2
+
+
 def _floor(x: float) -> int:
     """floor() that does not lose a whole unit to float error (9.999999 -> 10)."""
     return math.floor(x + 1e-6)
@@ -134,28 +161,11 @@ class BatchTuner:
         n = len(self._samples)
         if n < self._settings.min_samples:
             return None
-        tokens = np.array([s.tokens for s in self._samples], dtype=float)
-        vision = np.array([s.vision_tokens for s in self._samples], dtype=float)
-        y = np.array([s.step_s for s in self._samples], dtype=float)
-        # Non-negative least squares by elimination: a step's tokens include its image
-        # placeholders, so the two work terms are correlated and a free fit can give one a
-        # negative slope; drop such a term and refit rather than clip it (clipping breaks
-        # the fit).
-        terms = {"tokens": tokens, "vision": vision} if vision.any() else {"tokens": tokens}
-        while True:
-            x = np.stack([np.ones(n), *terms.values()], axis=1)
-            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-            negative = [name for name, c in zip(terms, coef[1:], strict=True) if c < 0]
-            if not negative:
-                break
-            del terms[negative[0]]
-        base = max(0.0, float(coef[0]))
-        slopes = dict(zip(terms, (float(c) for c in coef[1:]), strict=True))
-        pred = base + sum(slopes[name] * terms[name] for name in terms)
-        ss_res = float(((y - pred) ** 2).sum())
-        ss_tot = float(((y - y.mean()) ** 2).sum())
-        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-        return StepModel(base, slopes.get("tokens", 0.0), slopes.get("vision", 0.0), r2, n)
+        base, slopes, r2 = fit_nonnegative(
+            {"tokens": np.array([s.tokens for s in self._samples], dtype=float),
+             "vision": np.array([s.vision_tokens for s in self._samples], dtype=float)},
+            np.array([s.step_s for s in self._samples], dtype=float))
+        return StepModel(base, slopes["tokens"], slopes["vision"], r2, n)
 
     def refit(self) -> StepModel | None:
         """Refit the step model without deciding limits (SLO admission without tuning)."""

@@ -136,3 +136,22 @@ def test_shipped_profiles_load_and_the_derived_one_says_so() -> None:
     assert alone == pytest.approx(0.162, rel=0.15)
     with pytest.raises(ConfigError, match="profile 'nope' not found"):
         load_profile("nope")
+
+
+def test_fidelity_compares_each_figure_with_its_tolerance() -> None:
+    from benchmarks.sim_fidelity import compare
+
+    real = {"plain": {"goodput": 1.0, "ttft_p50_s": 2.0, "ttft_p99_s": 10.0},
+            "pio": {"goodput": 2.0, "ttft_p50_s": 0.5, "ttft_p99_s": 2.0}}
+    sim = {"plain": {"goodput": 1.1, "ttft_p50_s": 2.5, "ttft_p99_s": 12.0},
+           "pio": {"goodput": 0.01, "ttft_p50_s": 0.55, "ttft_p99_s": 3.0}}
+    rows = {(r["side"], r["metric"]): r for r in compare("w", real, sim, offered_per_s=10.0)}
+    assert rows[("plain", "goodput")]["within"]  # 10% off, 15% allowed
+    assert not rows[("plain", "ttft_p50_s")]["within"]  # 25% off, 20% allowed
+    assert rows[("plain", "ttft_p99_s")]["within"]  # 20% off, 30% allowed
+    assert not rows[("pio", "ttft_p99_s")]["within"]  # 50% off
+    assert not rows[("pio/plain", "goodput ratio side of 1")]["within"]  # 2x real, 0.01x sim
+    near_zero = compare("w", {**real, "plain": {**real["plain"], "goodput": 0.1}},
+                        {**sim, "plain": {**sim["plain"], "goodput": 0.25}}, 10.0)
+    [row] = [r for r in near_zero if (r["side"], r["metric"]) == ("plain", "goodput")]
+    assert row["within"] and row["target"] == "within 2% of offered"  # 0.15 off of 10/s
