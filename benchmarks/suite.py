@@ -61,31 +61,31 @@ PROFILES = {
         "the protocol end to end on the tiny model (CI)"),
     "cpu": Profile(
         "cpu", "cpu", "configs/tiny-cpu.yaml", 480.0, (
-            Step("priority-inversion-flood-server", (
-                "priority-inversion", "--mode", "server", "--workload", "flood",
-                "--rounds", "7"), 25),
-            Step("priority-inversion-flood-inproc", (
-                "priority-inversion", "--mode", "inproc", "--workload", "flood",
-                "--rounds", "7"), 15),
-            Step("priority-inversion-long-inproc", (
-                "priority-inversion", "--mode", "inproc", "--workload", "long",
-                "--rounds", "5"), 15),
-            Step("burst-overload-server", (
-                "burst-overload", "--mode", "server", "--rounds", "5"), 25),
-            Step("burst-overload-inproc", (
-                "burst-overload", "--mode", "inproc", "--rounds", "5"), 20),
-            Step("overhead-server", ("overhead", "--mode", "server", "--rounds", "5"), 20),
-            Step("overhead-inproc", ("overhead", "--mode", "inproc", "--rounds", "5"), 15),
             Step("step-budget-2b", ("step-budget", "--rounds", "5"), 30,
                  config="configs/qwen3-vl-2b-instruct-cpu.yaml"),
-            Step("mixed-resolution-server", (
-                "mixed-resolution", "--mode", "server", "--rounds", "3"), 40),
+            Step("priority-inversion-flood-server", (
+                "priority-inversion", "--mode", "server", "--workload", "flood",
+                "--rounds", "7"), 15),
+            Step("burst-overload-server", (
+                "burst-overload", "--mode", "server", "--rounds", "5"), 15),
             Step("mixed-resolution-inproc", (
-                "mixed-resolution", "--mode", "inproc", "--rounds", "3"), 35),
+                "mixed-resolution", "--mode", "inproc", "--rounds", "3"), 30),
+            Step("burst-overload-inproc", (
+                "burst-overload", "--mode", "inproc", "--rounds", "5"), 12),
+            Step("priority-inversion-flood-inproc", (
+                "priority-inversion", "--mode", "inproc", "--workload", "flood",
+                "--rounds", "7"), 10),
+            Step("overhead-server", ("overhead", "--mode", "server", "--rounds", "5"), 12),
+            Step("overhead-inproc", ("overhead", "--mode", "inproc", "--rounds", "5"), 10),
+            Step("priority-inversion-long-inproc", (
+                "priority-inversion", "--mode", "inproc", "--workload", "long",
+                "--rounds", "5"), 10),
+            Step("mixed-resolution-server", (
+                "mixed-resolution", "--mode", "server", "--rounds", "3"), 35),
             Step("image-flood-inproc", ("image-flood", "--mode", "inproc", "--rounds", "5"),
-                 15),
+                 12),
             Step("router-overhead-server", (
-                "router-overhead", "--mode", "server", "--rounds", "5"), 25),
+                "router-overhead", "--mode", "server", "--rounds", "5"), 15),
         ), "the committed CPU records (2-core machine)"),
     "h100": Profile(
         "h100", "h100", "configs/qwen3-vl-2b-instruct-h100.yaml", 9.0, (
