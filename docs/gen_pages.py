@@ -52,6 +52,16 @@ for stem, doc in found.items():
             with mkdocs_gen_files.open(f"benchmarks/{png}", "wb") as f:
                 f.write((results / png).read_bytes())
     summary.append(f"    * [{doc['scenario']} ({doc['mode']})]({stem}.md)")
+# The simulator's tables (benchmarks/sim_*.py and `pio-vllm simulate --json-out`) beside
+# the records they are judged against, each with its plot where it has one.
+for md in sorted(results.glob("sim-*.md")):
+    with mkdocs_gen_files.open(f"benchmarks/{md.name}", "w") as f:
+        f.write(md.read_text())
+    png = md.with_suffix(".png")
+    if png.is_file():
+        with mkdocs_gen_files.open(f"benchmarks/{png.name}", "wb") as f:
+            f.write(png.read_bytes())
+    summary.append(f"    * [simulator: {md.stem.removeprefix('sim-')}]({md.name})")
 with mkdocs_gen_files.open("benchmarks/SUMMARY.md", "w") as f:
     f.write("\n".join(summary) + "\n")
 

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "goodput_target": a.goodput_target,
     }
     if len(runs) == 1:
+        doc["replicas"] = runs[0]["replicas"]
         doc["sides"] = runs[0]["sides"]
     else:
         doc["runs"] = runs
@@ -157,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     a.json_out.parent.mkdir(parents=True, exist_ok=True)
     a.json_out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     table = markdown(doc)
-    a.json_out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    if len(runs) > 1:
-        plot_sweep(doc, a.json_out.with_suffix(".png"))
+    if len(runs) > 1 and plot_sweep(doc, a.json_out.with_suffix(".png")):
+        table += f"\n\n![share within SLO against replicas]({a.json_out.stem}.png)"
+    a.json_out.with_suffix(".md").write_text(table + "\n")
     return 0
 
 
@@ -171,7 +172,7 @@ def markdown(doc: dict[str, Any]) -> str:
              + (f"; without {doc['without']}" if doc.get("without") else "") + ".", "",
              "| replicas | side | served | refused | met SLO | goodput req/s | TTFT p50 / p99 "
              "(s) |", "|---|---|---|---|---|---|---|"]
-    runs = doc.get("runs") or [{"replicas": 1, "sides": doc["sides"]}]
+    runs = doc.get("runs") or [{"replicas": doc.get("replicas", 1), "sides": doc["sides"]}]
     for run in runs:
         for side, s in run["sides"].items():
             lines.append(f"| {run['replicas']} | {side} | {s['served']}/{s['requests']} | "
@@ -185,12 +186,13 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(doc: dict[str, Any], path: Path) -> None:
+def plot_sweep(doc: dict[str, Any], path: Path) -> bool:
+    """Whether a plot was written (it needs matplotlib: the bench extra)."""
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib not installed: no plot", file=sys.stderr)
-        return
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,6 +214,7 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
 
 
 def scenario_rows(name: str, capacity: float | None, model_path: str) -> list[Any]:
