@@ -28,7 +28,7 @@ from pio_vllm.sim.cli import MECHANISMS, without
 from pio_vllm.sim.cluster import simulate
 from pio_vllm.sim.profile import load_profile
 from pio_vllm.sim.report import Slo as SimSlo
-from pio_vllm.sim.report import summarise
+from pio_vllm.sim.report import outcome_rows, summarise
 
 RESULTS = Path("benchmarks/results")
 
@@ -47,9 +47,7 @@ def run_variants(name: str, settings: PioSettings, model: str, profile: Any,
     for label, side, s in variants:
         print(f"{name}: {label} ...", file=sys.stderr, flush=True)
         result = simulate(s, model, profile, rows, side=side, mode="inproc", seed=0)
-        figures = summarise([{"class": o.priority_class, "ok": o.ok, "refused": o.refused,
-                              "expired": o.expired, "ttft_s": o.ttft_s, "tpot_s": o.tpot_s}
-                             for o in result.outcomes], slos, 0.0, result.wall_s)
+        figures = summarise(outcome_rows(result.outcomes), slos, 0.0, result.wall_s)
         top_fig = figures["classes"].get(top, {})
         out.append({"workload": name, "variant": label, "requests": figures["requests"],
                     "served": figures["served"], "refused": figures["refused"],

@@ -27,7 +27,7 @@ from pio_vllm.settings import PioSettings
 from pio_vllm.sim.cluster import simulate
 from pio_vllm.sim.profile import load_profile
 from pio_vllm.sim.report import Slo as SimSlo
-from pio_vllm.sim.report import summarise
+from pio_vllm.sim.report import outcome_rows, summarise
 
 RESULTS = Path("benchmarks/results")
 TOLERANCE = {"goodput": 0.15, "ttft_p50_s": 0.20, "ttft_p99_s": 0.30}
@@ -57,9 +57,7 @@ def sim_sides(settings: PioSettings, model: str, profile: Any, work: list[Any],
     out = {}
     for side in ("plain", "pio"):
         result = simulate(settings, model, profile, rows, side=side, mode="inproc", seed=0)
-        figures = summarise([{"class": o.priority_class, "ok": o.ok, "refused": o.refused,
-                              "expired": o.expired, "ttft_s": o.ttft_s, "tpot_s": o.tpot_s}
-                             for o in result.outcomes], slos, 0.0, result.wall_s)
+        figures = summarise(outcome_rows(result.outcomes), slos, 0.0, result.wall_s)
         out[side] = {"goodput": figures["goodput_req_per_wall_s"] if slo else None,
                      "ttft_p50_s": figures["ttft_p50_s"], "ttft_p99_s": figures["ttft_p99_s"]}
     return out

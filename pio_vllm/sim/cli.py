@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from pio_vllm.settings import PioSettings
     from pio_vllm.sim.cluster import POLICIES, simulate
     from pio_vllm.sim.profile import load_profile, profile_for
-    from pio_vllm.sim.report import class_slos, summarise
+    from pio_vllm.sim.report import class_slos, outcome_rows, summarise
     from pio_vllm.sim.trace import read_trace
 
     ap = argparse.ArgumentParser(prog="pio-vllm simulate", description=__doc__.splitlines()[0])
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             result = simulate(settings, model_path, profile, rows, side=side, replicas=n,
                               policy=a.router, mode=a.mode, seed=a.seed)
-            figures = summarise([{"class": o.priority_class, "ok": o.ok, "refused": o.refused,
-                                  "expired": o.expired, "ttft_s": o.ttft_s,
-                                  "tpot_s": o.tpot_s} for o in result.outcomes],
+            figures = summarise(outcome_rows(result.outcomes),
                                 slos, span, result.wall_s)
             figures["engine_steps"] = result.steps
             figures["engine_busy_s"] = round(result.busy_s, 6)

@@ -33,6 +33,12 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
+def outcome_rows(outcomes: Sequence[Any]) -> list[dict[str, Any]]:
+    """A simulation's request outcomes as the rows `summarise` reads."""
+    return [{"class": o.priority_class, "ok": o.ok, "refused": o.refused, "expired": o.expired,
+             "ttft_s": o.ttft_s, "tpot_s": o.tpot_s} for o in outcomes]
+
+
 def summarise(rows: Sequence[Mapping[str, Any]], slos: Mapping[str, Slo], span_s: float,
               wall_s: float) -> dict[str, Any]:
     """`rows`: per request `class`, `ok`, `refused`, `expired`, `ttft_s`, `tpot_s`."""
