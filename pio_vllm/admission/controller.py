@@ -20,6 +20,10 @@ queue and the pump that grants from it, and composes the decisions:
   work);
 - shedding at arrival: a full class queue, or a deadline the measured service rate cannot
   meet (`policy.py`).
+- with several API-server processes (`pio-vllm serve --api-server-count N`), the node's
+  view: the other processes' granted and queued tickets, the shared work bucket and engine
+  stats, read from and published to the node ledger (`node_ledger.py`) under its lock at
+  every decision.
 
 New requests are refused at once (RequestRejectedError with retry-after); a deadline that
 passes while queued raises DeadlineExceededError; cancelling a queued request only removes
@@ -27,21 +31,24 @@ it from the queue. The controller never imports vLLM: it takes numbers (capacity
 running count, the step model), so tests drive it with a fake engine and a fake clock.
 
 Size: the queue, its pump and the arrival check read the same per-ticket state on every
-decision, so they stay one class (~550 lines); each decision they compose is its own module.
+decision, so they stay one class (~700 lines); each decision they compose is its own module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pio_vllm.admission.capacity import CapacityGate
 from pio_vllm.admission.metrics import AdmissionMetrics, ClassStats, Event
+from pio_vllm.admission.node_ledger import NodeLedger
 from pio_vllm.admission.policy import (
     AdmissionPolicy,
     RateMeter,
@@ -89,9 +96,13 @@ class AdmissionController:
         clock: Callable[[], float] = time.monotonic,
         registry: Any | None = None,
         bound_top_class: bool = True,
+        node: NodeLedger | None = None,
     ) -> None:
         """`bound_top_class`: apply `max_preparing` to the top class too (`capacity.py`:
-        off in the OpenAI server, where preparing is vLLM's rendering)."""
+        off in the OpenAI server, where preparing is vLLM's rendering). `node`: the ledger
+        shared with the other API-server processes of this engine (`node_ledger.py`): then
+        capacity, the preparing bound, the work bucket and the queue order are the node's,
+        and below the top class each process prepares one request at a time."""
         self._settings = settings
         self._classes = classes
         self._default_class = default_class
@@ -111,6 +122,9 @@ class AdmissionController:
         # SLO admission: on where a class has a target; active once a model is fitted.
         self._slo = SloPricing(settings, classes, clock())
         self._wake: asyncio.TimerHandle | None = None
+        self._node = node
+        self._poll: asyncio.TimerHandle | None = None
+        self._seen_token: tuple[float, ...] = ()
         self.metrics = AdmissionMetrics(list(classes), registry)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -154,7 +168,8 @@ class AdmissionController:
         self._check_open()
         now = self._clock()
         self._slo.price(ticket)
-        self._shed_check(ticket, now)
+        with self._shared():
+            self._shed_check(ticket, now)
         ticket.state = TicketState.QUEUED
         ticket.future = asyncio.get_running_loop().create_future()
         self._waiting[ticket.key] = ticket
@@ -180,6 +195,7 @@ class AdmissionController:
             self._unqueue(ticket)
             ticket.state = TicketState.DONE
             self.metrics.count(ticket.class_name, Event.EXPIRED)
+            self._pump()  # what it held back may go now
             raise DeadlineExceededError(
                 f"request {ticket.request_id} ({ticket.class_name}) waited "
                 f"{self._clock() - ticket.arrival_at:.2f}s in pio's queue and its deadline "
@@ -192,6 +208,7 @@ class AdmissionController:
                 self._unqueue(ticket)
                 ticket.state = TicketState.DONE
                 self.metrics.count(ticket.class_name, Event.CANCELLED)
+                self._pump()
             raise
 
     def started(self, ticket: Ticket) -> None:
@@ -211,7 +228,8 @@ class AdmissionController:
         if ticket.key not in self._granted:
             return
         ticket.prompt_tokens, ticket.vision_tokens = prompt_tokens, vision_tokens
-        self._slo.reprice(ticket, self._clock())
+        with self._shared():
+            self._slo.reprice(ticket, self._clock())
 
     def release(self, ticket: Ticket, outcome: Release) -> None:
         """A granted request ended (idempotent): its place frees."""
@@ -219,7 +237,8 @@ class AdmissionController:
             return
         if ticket.state is TicketState.PREPARING:
             self.metrics.add_preparing(ticket.class_name, -1)
-            self._slo.refund_unspent(ticket, self._clock())  # it never reached vLLM
+            with self._shared():
+                self._slo.refund_unspent(ticket, self._clock())  # it never reached vLLM
         ticket.state = TicketState.DONE
         self.metrics.add_running(ticket.class_name, -1)
         self.metrics.count(ticket.class_name, RELEASE_EVENT[outcome])
@@ -263,8 +282,11 @@ class AdmissionController:
     # -- engine feedback ----------------------------------------------------------------
 
     def set_capacity(self, capacity: int) -> None:
-        """Change how many sequences may be past the queue at once (>= 1)."""
+        """Change how many sequences may be past the queue at once (>= 1; with a node, for
+        every process)."""
         self._gate.set_capacity(capacity)
+        if self._node is not None:
+            self._node.store_capacity(capacity)
         self._pump()
 
     @property
@@ -280,6 +302,8 @@ class AdmissionController:
         changed = running != self._slo.running
         self._slo.running = running
         now = self._clock()
+        if self._node is not None:  # vLLM sends each step's stats to one process only
+            self._node.store_engine(kv_usage, running, now)
         self._slo.pace.record(now, inter_token_s_total, inter_tokens_total)
         if crossed or (self._slo.active and (
                 changed or self._slo.pace_verdict(now, self._granted.values()))):
@@ -287,10 +311,15 @@ class AdmissionController:
 
     def set_work_model(self, model: WorkModel | None) -> None:
         """The step-time model SLO admission prices work with (None: not fitted yet)."""
+        self._apply_model(model)
+        if self._node is not None and model is not None:
+            self._node.store_model((model.base_s, model.per_token_s, model.per_vision_token_s))
+        self._pump()
+
+    def _apply_model(self, model: WorkModel | None) -> None:
         self._slo.model = model
         for ticket in self._waiting.values():
             self._slo.price(ticket)
-        self._pump()
 
     def poke(self) -> None:
         """Re-run the grant decisions now (the work bucket refills with time)."""
@@ -315,17 +344,97 @@ class AdmissionController:
                            arrival_at=t.arrival_at + delay)
 
     def _pump(self) -> None:
+        with self._shared():
+            self._decide()
+            if self._node is not None:
+                self._seen_token = self._node.token()
+        if self._node is not None and self._waiting and self._node.processes > 1:
+            self._poll_after(self._node.poll_s)
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Decide under the node's lock, with the node's bucket and latest engine stats, and
+        publish this process's tickets after (no-op without a node)."""
+        node = self._node
+        if node is None:
+            yield
+            return
+        with node.locked():
+            seen = node.newer_engine()
+            if seen is not None:
+                self._gate.set_kv_usage(seen[0])
+                self._slo.running = seen[1]
+            model = node.newer_model()  # fitted by process 0's tuning loop
+            if model is not None:
+                self._apply_model(WorkModel(*model))
+            capacity = node.newer_capacity()
+            if capacity is not None:
+                self._gate.set_capacity(capacity)
+            bucket = node.load_bucket()
+            if bucket is not None:
+                self._slo.bucket.restore(*bucket)
+            try:
+                yield
+            finally:
+                node.store_bucket(*self._slo.bucket.state())
+                node.publish(self._granted.values(),
+                             ((self._view(t).arrival_at, self._slo.charge_s(t), t)
+                              for t in self._waiting.values()))
+
+    def _node_granted(self) -> list[Ticket]:
+        """The tickets past the queue: this process's and, with a node, the others'."""
+        granted = list(self._granted.values())
+        if self._node is not None:
+            granted.extend(self._node.remote_granted())
+        return granted
+
+    def _remote_queued(self) -> dict[int, Ticket]:
+        if self._node is None:
+            return {}
+        return {q.ticket.key: q.ticket for q in self._node.remote_queued()}
+
+    def _remote_view(self, t: Ticket) -> WaitingView:
+        cls = self._classes.get(t.class_name)
+        return WaitingView(key=t.key, level=t.level, weight=cls.weight if cls else 1.0,
+                           arrival_at=t.arrival_at)
+
+    def _render_turn_taken(self, ticket: Ticket) -> bool:
+        """With several API-server processes, below the top class each prepares one request
+        at a time: an urgent request arriving at any of them waits behind at most one
+        batch render on its rendering thread."""
+        if self._node is None or self._node.processes < 2 or (
+                ticket.level == self._gate.unbounded_level):
+            return False
+        return any(t.state is TicketState.PREPARING and t.level != self._gate.unbounded_level
+                   for t in self._granted.values())
+
+    def _decide(self) -> None:
         if not self._waiting:
             return
         now = self._clock()
         slo = self._slo.active
-        granted = self._granted.values()
+        granted = self._node_granted()
+        remote = self._remote_queued()
         if slo:
             self._slo.refresh_rate(now, granted)
         blocked_level: int | None = None  # FIFO: nothing of this level or lower passes
         ahead = QueuedAhead()  # the tickets before this one that stay queued
-        for view in self._policy.order((self._view(t) for t in self._waiting.values()), now):
-            ticket = self._waiting[view.key]
+        reserved_s = 0.0  # bucket work other processes' tickets ahead will take
+        views = [self._view(t) for t in self._waiting.values()]
+        views.extend(self._remote_view(t) for t in remote.values())
+        for view in self._policy.order(views, now):
+            ticket = self._waiting.get(view.key)
+            if ticket is None:  # queued in another process: its place, not ours to grant
+                other = remote[view.key]
+                if blocked_level is None or other.level < blocked_level:
+                    if self._gate.may_grant(other, granted, self._effective_capacity()):
+                        granted.append(dataclasses.replace(other, state=TicketState.PREPARING))
+                        reserved_s += other.charged_s
+                        continue
+                    blocked_level = other.level if blocked_level is None else min(
+                        blocked_level, other.level)
+                ahead.add(other.work_s, other.charged_s)
+                continue
             charge = self._slo.charge_s(ticket)
             if blocked_level is not None and ticket.level >= blocked_level:
                 ahead.add(ticket.work_s, charge)
@@ -344,21 +453,44 @@ class AdmissionController:
             # would share those prefill steps).
             unrationed = ticket.late and not self._slo.slo_work_granted(granted)
             capacity = self._gate.capacity if unrationed else self._effective_capacity()
-            granted_now = not (ticket.late and self._ttft_work_pending()) and (
+            granted_now = not (ticket.late and self._ttft_work_pending(granted)) and (
+                not self._render_turn_taken(ticket)) and (
                 self._gate.may_grant(ticket, granted, capacity))
-            if granted_now and slo and self._granted and not unrationed and (
-                    not self._slo.bucket.fits(charge, now)) and not outranks(ticket, granted):
+            if granted_now and slo and granted and not unrationed and (
+                    not self._slo.bucket.fits(charge + reserved_s, now)) and (
+                    not outranks(ticket, granted)):
                 # Work enters as fast as running requests keep their TPOT target; a
                 # request that outranks work in vLLM goes in anyway (vLLM serves it first),
                 # and so does one into an idle engine (no one's TPOT to keep).
                 granted_now = False
-                self._wake_after(self._slo.bucket.wait_s(charge, now))
+                self._wake_after(self._slo.bucket.wait_s(charge + reserved_s, now))
             if granted_now:
-                self._grant(ticket, now, take_work=not unrationed)
+                self._grant(ticket, now, granted, take_work=not unrationed)
+                granted.append(ticket)
             else:
                 ahead.add(ticket.work_s, charge)
                 blocked_level = ticket.level if blocked_level is None else min(
                     blocked_level, ticket.level)
+
+    def _poll_after(self, delay_s: float) -> None:
+        """Pump again soon: another process's tickets may have moved (one timer at a time)."""
+        if self._poll is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        def poll() -> None:
+            self._poll = None
+            node = self._node
+            if node is not None and node.token() == self._seen_token:
+                if self._waiting:  # nothing moved elsewhere: nothing new to decide
+                    self._poll_after(delay_s)
+                return
+            self._pump()
+
+        self._poll = loop.call_later(delay_s, poll)
 
     def _wake_after(self, delay_s: float) -> None:
         """Pump again once the work bucket has refilled enough (one timer at a time)."""
@@ -403,17 +535,18 @@ class AdmissionController:
         ticket.ttft_target_s = None
         self.metrics.count(ticket.class_name, Event.LATE)
 
-    def _ttft_work_pending(self) -> bool:
+    @staticmethod
+    def _ttft_work_pending(granted: list[Ticket]) -> bool:
         """Whether a request that can still meet its TTFT target is past the queue without
         its first token yet."""
         return any(not t.late and t.ttft_target_s is not None and t.first_token_at is None
-                   for t in self._granted.values())
+                   for t in granted)
 
-    def _grant(self, ticket: Ticket, now: float, take_work: bool = True) -> None:
+    def _grant(self, ticket: Ticket, now: float, granted: list[Ticket],
+               take_work: bool = True) -> None:
         if self._slo.active:
             self._slo.take(ticket, now, take_work)
-            ticket.predicted_ttft_s = self._slo.predicted_at_grant(
-                ticket, now, self._granted.values())
+            ticket.predicted_ttft_s = self._slo.predicted_at_grant(ticket, now, granted)
         self._unqueue(ticket)
         ticket.state = TicketState.PREPARING
         ticket.granted_at = now
@@ -427,15 +560,18 @@ class AdmissionController:
 
     def _shed_check(self, ticket: Ticket, now: float) -> None:
         limits = self._classes[ticket.class_name]
-        ahead = sum(
-            t.slots for t in self._waiting.values()
-            if self._policy.effective_level(self._view(t), now) <= ticket.level)
-        slots, _ = self._gate.past_queue(ticket.level, self._granted.values())
+        granted = self._node_granted()
+        # queued here and, with a node, in the other API-server processes (views by key)
+        queued = {t.key: (t, self._view(t)) for t in self._waiting.values()}
+        queued.update((k, (t, self._remote_view(t))) for k, t in self._remote_queued().items())
+        ahead = sum(t.slots for t, view in queued.values()
+                    if self._policy.effective_level(view, now) <= ticket.level)
+        slots, _ = self._gate.past_queue(ticket.level, granted)
         free = max(0, self._gate.capacity - slots)
         # Waiting requests that free capacity will take at once (other classes' first,
         # conservatively; the preparing bound only spaces them out) are not a queue.
-        in_class = self._queued_per_class.get(ticket.class_name, 0)
-        others = sum(t.slots for t in self._waiting.values()
+        in_class = sum(1 for t, _ in queued.values() if t.class_name == ticket.class_name)
+        others = sum(t.slots for t, _ in queued.values()
                      if t.level <= ticket.level and t.class_name != ticket.class_name)
         queue_len = max(0, in_class - max(0, free - others))
         rate = self._rate.rate(now)
@@ -451,14 +587,14 @@ class AdmissionController:
             else ticket.queue_deadline_at - now,
         )
         if decision is None and target is not None:
-            granted = self._granted.values()
             self._slo.refresh_rate(now, granted)
             mine = self._policy.effective_level(self._view(ticket), now)
-            queued = QueuedAhead()
-            for t in self._waiting.values():
-                if self._policy.effective_level(self._view(t), now) <= mine:
-                    queued.add(t.work_s, self._slo.charge_s(t))
-            predicted = self._slo.predict(ticket, now, queued, granted)
+            work_ahead = QueuedAhead()
+            for t, view in queued.values():
+                if self._policy.effective_level(view, now) <= mine:
+                    work_ahead.add(t.work_s, t.charged_s if t.key < 0 else
+                                   self._slo.charge_s(t))
+            predicted = self._slo.predict(ticket, now, work_ahead, granted)
             if predicted > target and self._serves_late(ticket):
                 self._serve_late(ticket)
             elif predicted > target:
@@ -468,7 +604,7 @@ class AdmissionController:
                 raise RequestRejectedError(
                     f"request {ticket.request_id} shed: predicted time to first token "
                     f"{predicted:.2f}s is over class {ticket.class_name!r}'s ttft_target_s="
-                    f"{target} ({queued.work_s:.2f}s of queued and "
+                    f"{target} ({work_ahead.work_s:.2f}s of queued and "
                     f"{self._slo.backlog(granted, ticket.level, now):.2f}s of admitted "
                     f"engine work ahead); retry after {retry_after:.1f}s",
                     retry_after_s=retry_after, reason=ShedReason.SLO_INFEASIBLE.value)
@@ -524,17 +660,20 @@ class AdmissionController:
         )
 
     def queued_count(self) -> int:
-        """Requests waiting in pio's queue (all classes)."""
-        return len(self._waiting)
+        """Requests waiting in pio's queue (all classes; with a node, in every process)."""
+        return len(self._waiting) + len(self._remote_queued())
 
     def preparing_count(self) -> int:
-        """Requests past pio's queue being rendered or prepared, not yet in vLLM."""
-        return sum(1 for t in self._granted.values() if t.state is TicketState.PREPARING)
+        """Requests past pio's queue being rendered or prepared, not yet in vLLM (with a
+        node, in every process)."""
+        return sum(1 for t in self._node_granted() if t.state is TicketState.PREPARING)
 
     def load(self) -> int:
-        """Requests held: queued, being prepared or in vLLM (sequences counted)."""
+        """Requests held: queued, being prepared or in vLLM (sequences counted; with a
+        node, the node's)."""
         return sum(t.slots for t in self._waiting.values()) + sum(
-            t.slots for t in self._granted.values())
+            t.slots for t in self._remote_queued().values()) + sum(
+            t.slots for t in self._node_granted())
 
     def saturated(self) -> bool:
         """True while every class's queue is full: every new request would be shed."""
@@ -551,6 +690,8 @@ class AdmissionController:
         self._closed = True
         if self._wake is not None:
             self._wake.cancel()
+        if self._poll is not None:
+            self._poll.cancel()
         for ticket in list(self._waiting.values()):
             self._unqueue(ticket)
             ticket.state = TicketState.DONE
@@ -558,3 +699,6 @@ class AdmissionController:
                 ticket.future.set_exception(
                     EngineNotRunningError("the engine shut down while the request was queued"))
                 ticket.future.exception()
+        if self._node is not None:
+            with self._shared():  # the queued ones leave the node's order
+                pass

@@ -92,21 +92,23 @@ class PrometheusExporter:
     def __init__(self, registry: Any) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        # Gauges sum over live API-server processes under `--api-server-count N` (vLLM's
+        # multi-process Prometheus mode; the mode is ignored in one process).
         self.events = Counter(
             "pio_admission_events", "Admission events per priority class",
             ["priority_class", "event"], registry=registry)
         self.queued = Gauge(
             "pio_queued_requests", "Requests waiting in pio's queue", ["priority_class"],
-            registry=registry)
+            registry=registry, multiprocess_mode="livesum")
         self.queue_depth = Gauge(
             "pio_queue_depth", "Requests waiting in pio's queue, all classes",
-            registry=registry)
+            registry=registry, multiprocess_mode="livesum")
         self.preparing = Gauge(
             "pio_preparing_requests", "Requests past pio's queue being rendered / decoded",
-            ["priority_class"], registry=registry)
+            ["priority_class"], registry=registry, multiprocess_mode="livesum")
         self.running = Gauge(
             "pio_running_requests", "Requests past pio's queue (preparing or in vLLM)",
-            ["priority_class"], registry=registry)
+            ["priority_class"], registry=registry, multiprocess_mode="livesum")
         self.queue_wait = Histogram(
             "pio_queue_wait_seconds", "Time from arrival to admission into vLLM",
             ["priority_class"], buckets=LATENCY_BUCKETS_S, registry=registry)

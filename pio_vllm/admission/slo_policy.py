@@ -164,6 +164,13 @@ class WorkBucket:
         self.level(now)
         self.rate = rate
 
+    def state(self) -> tuple[float, float]:
+        """(level, time): what several API-server processes share (`node_ledger.py`)."""
+        return self._level, self._at
+
+    def restore(self, level: float, at: float) -> None:
+        self._level, self._at = level, at
+
     def fits(self, work_s: float, now: float) -> bool:
         """Whether `work_s` may enter now (a request larger than the bucket enters once the
         bucket is full, so nothing is held back forever)."""
