@@ -28,15 +28,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pio_vllm.admission.controller import AdmissionController, AdmissionStats, Ticket
+from pio_vllm.admission.node_ledger import NodeLedger
 from pio_vllm.cost.request_cost import CostModel, RequestCost
 from pio_vllm.engine.batch_tuning import TuningLoop
 from pio_vllm.engine.request_runner import RequestRunner, Submission
 from pio_vllm.engine.request_trace import RequestTrace
 from pio_vllm.engine.stats_probe import EngineStats
-from pio_vllm.engine.vllm_backend import VllmBackend
+from pio_vllm.engine.vllm_backend import FrontendSlot, VllmBackend
 from pio_vllm.errors import (
     EngineDeadError,
     EngineNotRunningError,
@@ -98,17 +100,24 @@ class PioEngine:
         clock: Callable[[], float] = time.monotonic,
         registry: Any | None = None,
         vllm_renders: bool = False,
+        frontend: FrontendSlot | None = None,
     ) -> None:
         """`registry`: a prometheus_client registry for pio's metrics (None: a private one).
         `vllm_renders`: requests reach pio already rendered by vLLM's serving layer (the
         OpenAI server): the top class then skips `admission.max_preparing` (see
-        AdmissionController)."""
+        AdmissionController). `frontend`: this process is one of several API servers of one
+        engine (`pio-vllm serve --api-server-count N`): it connects to the parent's
+        EngineCore, admits through the node ledger shared with the others
+        (admission/node_ledger.py), and only API server 0 runs the tuning loop (the step
+        model and limits it fits reach the others through the ledger)."""
         from prometheus_client import CollectorRegistry
 
         self._settings = settings
         self._clock = clock
         self._registry = registry if registry is not None else CollectorRegistry()
         self._vllm_renders = vllm_renders
+        self._frontend = frontend
+        self._node: NodeLedger | None = None
         self._parts: _Running | None = None
         self._admission: AdmissionController | None = None
         self._tuning: TuningLoop | None = None
@@ -150,15 +159,19 @@ class PioEngine:
             return
         if self._closed:
             raise EngineNotRunningError("this PioEngine was shut down; create a new one")
-        backend = VllmBackend.start(self._settings, usage_context)
+        backend = VllmBackend.start(self._settings, usage_context, self._frontend)
         admission = self._settings.admission
+        frontend = self._frontend
         if admission.enabled:
             capacity = admission.max_in_flight or backend.max_num_seqs + admission.lookahead
+            if frontend is not None and frontend.count > 1:
+                self._node = NodeLedger(Path(frontend.ledger_path), frontend.index,
+                                        list(self._settings.priority_classes))
             self._admission = AdmissionController(
                 admission, self._settings.priority_classes,
                 self._settings.default_priority_class, capacity,
                 clock=self._clock, registry=self._registry,
-                bound_top_class=not self._vllm_renders,
+                bound_top_class=not self._vllm_renders, node=self._node,
             )
             controller = self._admission
             backend.probe.add_listener(
@@ -179,7 +192,8 @@ class PioEngine:
         runner = RequestRunner(backend, self._admission, self._clock, self._spawn)
         self._parts = _Running(backend, images, intake, runner,
                                CostModel(backend.geometry, backend.block_size))
-        if self._settings.tuning.enabled or self._settings.slo_admission_on():
+        tuner_here = frontend is None or frontend.index == 0
+        if tuner_here and (self._settings.tuning.enabled or self._settings.slo_admission_on()):
             self._tuning = TuningLoop(
                 self._settings.tuning, backend, self._admission, self._request_mix,
                 admission.kv_high_watermark, admission.lookahead, self._registry,
@@ -212,6 +226,8 @@ class PioEngine:
         if parts is not None:
             await parts.images.aclose()
             parts.backend.shutdown()
+        if self._node is not None:
+            self._node.close()
 
     def _running(self) -> _Running:
         if self._parts is None:

@@ -58,6 +58,18 @@ def _validation_errors() -> tuple[type[Exception], ...]:
     return (ValueError, TypeError, VLLMValidationError)
 
 
+@dataclasses.dataclass(frozen=True)
+class FrontendSlot:
+    """This process is API server `index` of `count` in front of an EngineCore that the
+    parent started (`pio-vllm serve --api-server-count N`): vLLM's `client_config` (its
+    ZMQ addresses and sockets for this process) and pio's node ledger file."""
+
+    index: int
+    count: int
+    client_config: Mapping[str, Any]
+    ledger_path: str
+
+
 def vllm_version() -> tuple[int, int]:
     import vllm
 
@@ -233,8 +245,10 @@ class VllmBackend:
         self.tokenizer = self._get_tokenizer()
 
     @classmethod
-    def start(cls, settings: PioSettings, usage_context: Any | None = None) -> VllmBackend:
-        """Build the model if needed and start vLLM's engine (blocks; ~30-60 s on CPU)."""
+    def start(cls, settings: PioSettings, usage_context: Any | None = None,
+              frontend: FrontendSlot | None = None) -> VllmBackend:
+        """Build the model if needed and start vLLM's engine (blocks; ~30-60 s on CPU);
+        with `frontend`, connect to the EngineCore the parent process started instead."""
         major_minor = vllm_version()
         if f"{major_minor[0]}.{major_minor[1]}" not in SUPPORTED_VLLM:
             logger.warning(
@@ -246,6 +260,14 @@ class VllmBackend:
             os.environ[key] = str(value)
         model_path = resolve_model(settings)
         args = build_engine_args(settings, model_path)
+        client: dict[str, Any] = {}
+        if frontend is not None:
+            args._api_process_count = frontend.count
+            args._api_process_rank = frontend.index
+            addresses = dict(frontend.client_config)
+            client = {"client_addresses": addresses,
+                      "client_count": addresses.pop("client_count", frontend.count),
+                      "client_index": addresses.pop("client_index", frontend.index)}
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -270,7 +292,7 @@ class VllmBackend:
             llm = AsyncLLM.from_vllm_config(
                 vllm_config, usage_context=usage, stat_loggers=loggers,
                 enable_log_requests=args.enable_log_requests,
-                disable_log_stats=args.disable_log_stats)
+                disable_log_stats=args.disable_log_stats, **client)
         except Exception as e:
             raise ConfigError(f"vLLM engine failed to start for model {model_path!r}: {e}") from e
         if scheduler is not None:

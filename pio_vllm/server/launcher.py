@@ -7,8 +7,9 @@ flag on the command line overrides the file; `--model` / the positional model ta
 'pio:PRESET'. The app is vLLM's (`build_app`, `init_app_state`, `serve_http` from
 `vllm.entrypoints.launchers`, read from vLLM 0.32.0), with pio's RequestGate middleware in
 front of its routes, pio's metrics in the same Prometheus registry as vLLM's (/metrics), and
-SIGTERM draining through `PioEngineClient.shutdown`. One API-server process: pio's admission
-state lives in it (`--api-server-count` > 1 is refused).
+SIGTERM draining through `PioEngineClient.shutdown`. With `--api-server-count N` > 1, vLLM's
+own multi-process frontend runs N such servers on one socket in front of one EngineCore,
+admitting in one order through pio's node ledger (`api_servers.py`).
 """
 
 from __future__ import annotations
@@ -48,14 +49,18 @@ def parse_args(argv: list[str], default_config: str | None) -> tuple[Any, PioSet
     if args.model_tag is not None:
         args.model = args.model_tag
     validate_parsed_serve_args(args)
-    if (args.api_server_count or 1) > 1 or getattr(args, "data_parallel_size", 1) > 1:
+    if getattr(args, "data_parallel_size", 1) > 1:
         raise ConfigError(
-            f"--api-server-count {args.api_server_count} / --data-parallel-size "
-            f"{getattr(args, 'data_parallel_size', 1)}: pio serves from one API-server "
-            "process and one engine (its admission queue and capacity live there); accepted: "
-            "1. To grow, run replicas behind a router: pio-vllm serve-replicas --replicas N "
-            "(tensor and pipeline parallelism pass through)"
-        )
+            f"--data-parallel-size {args.data_parallel_size}: pio admits into one engine "
+            "(its capacity and KV usage are one engine's); accepted: 1. To grow, run replicas "
+            "behind a router: pio-vllm serve-replicas --replicas N (tensor and pipeline "
+            "parallelism pass through); to scale the frontend, --api-server-count N")
+    if args.api_server_count is None:
+        args.api_server_count = 1
+    if not 1 <= args.api_server_count <= MAX_API_SERVERS:
+        raise ConfigError(
+            f"--api-server-count {args.api_server_count}: accepted 1..{MAX_API_SERVERS} "
+            "(processes in front of one engine, admitting in one order)")
     # The engine arguments that differ from vLLM's defaults: the file's and the flags'.
     engine = {
         name: getattr(args, name) for name in engine_fields
@@ -67,6 +72,8 @@ def parse_args(argv: list[str], default_config: str | None) -> tuple[Any, PioSet
         args.served_model_name = [args.model]  # clients ask for 'pio:tiny', not a cache path
     return args, settings
 
+
+MAX_API_SERVERS = 64  # rows of the node ledger
 
 # vLLM's media allow-list for pio's server: a reserved name no URL can match, so vLLM fetches
 # nothing itself; the gate fetches (under pio's SSRF policy) and hands images inline.
@@ -106,8 +113,11 @@ def log_routes(app: Any, settings: PioSettings) -> dict[str, dict[str, Any]]:
     return table
 
 
-async def run_server(args: Any, settings: PioSettings) -> None:
-    """Start the engine, then serve until SIGTERM / SIGINT (drains first)."""
+async def run_server(args: Any, settings: PioSettings, *, sock: Any = None,
+                     listen_address: str | None = None, frontend: Any = None,
+                     peer_loads: Any = None) -> None:
+    """Start the engine, then serve until SIGTERM / SIGINT (drains first). With `frontend`
+    (a FrontendSlot) and the parent's socket, serve as one of N API-server processes."""
     import prometheus_client
     from vllm import envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -127,12 +137,14 @@ async def run_server(args: Any, settings: PioSettings) -> None:
         gate_image_loader,
     )
 
-    listen_address, sock = setup_server(args, reuse_port=False)
+    if sock is None:
+        listen_address, sock = setup_server(args, reuse_port=False)
     model_path = resolve_model(settings)
     args.model = model_path
     if args.tokenizer is None:
         args.tokenizer = model_path
-    engine = PioEngine(settings, registry=prometheus_client.REGISTRY, vllm_renders=True)
+    engine = PioEngine(settings, registry=prometheus_client.REGISTRY, vllm_renders=True,
+                       frontend=frontend)
     engine.start_blocking(UsageContext.OPENAI_API_SERVER)
     client = PioEngineClient(engine)
     client.bind_loop(asyncio.get_running_loop())
@@ -146,7 +158,8 @@ async def run_server(args: Any, settings: PioSettings) -> None:
     images = gate_image_loader(settings)
     setattr(app.state, APP_STATE_KEY, RequestGate(
         engine=engine, settings=settings, images=images, root_path=args.root_path or "",
-        draining=lambda: client.draining, registry=prometheus_client.REGISTRY))
+        draining=lambda: client.draining, registry=prometheus_client.REGISTRY,
+        api_server=None if frontend is None else frontend.index))
     install_error_handler(app)
     log_routes(app, settings)
     await init_app_state(client, app.state, args, supported_tasks)
@@ -155,7 +168,11 @@ async def run_server(args: Any, settings: PioSettings) -> None:
     log_config = get_uvicorn_log_config(args)
     if log_config is not None:
         uvicorn_kwargs["log_config"] = log_config
-    logger.info("pio-vllm serving %s on %s", settings.model, listen_address)
+    logger.info("pio-vllm serving %s on %s%s", settings.model, listen_address,
+                "" if frontend is None else
+                f" (API server {frontend.index} of {frontend.count})")
+    if peer_loads is not None:  # vLLM's accept-on-the-least-loaded-server (N > 1)
+        uvicorn_kwargs["peer_loads"] = peer_loads
     # The same keywords as vLLM 0.32.0's build_and_serve.
     shutdown_task = await serve_http(
         app,
@@ -184,19 +201,28 @@ async def run_server(args: Any, settings: PioSettings) -> None:
             await engine.shutdown()
 
 
-def main(argv: list[str], default_config: str | None) -> int:
-    import uvloop
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-
-    cli_env_setup()
-    # pio's own handler: vLLM and uvicorn reconfigure logging while the server starts, and
-    # the drain / shutdown lines must still reach the operator.
+def setup_logging() -> None:
+    """pio's own handler: vLLM and uvicorn reconfigure logging while the server starts, and
+    the drain / shutdown lines must still reach the operator."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pio_logger = logging.getLogger("pio_vllm")
     pio_logger.addHandler(handler)
     pio_logger.setLevel(pio_log_level(default="INFO"))
     pio_logger.propagate = False
+
+
+def main(argv: list[str], default_config: str | None) -> int:
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    setup_logging()
     args, settings = parse_args(argv, default_config)
+    if args.api_server_count > 1:
+        from pio_vllm.server.api_servers import serve_api_servers
+
+        serve_api_servers(args, settings)
+        return 0
     uvloop.run(run_server(args, settings))
     return 0

@@ -143,6 +143,7 @@ class GateMiddleware:
 
 # Where the launcher puts the RequestGate: `app.state.pio_request_gate`.
 APP_STATE_KEY = "pio_request_gate"
+API_SERVER_HEADER = "x-pio-api-server"  # which of N API-server processes answered
 GATE_MIDDLEWARE = f"{__name__}.GateMiddleware"
 
 
@@ -152,9 +153,11 @@ class RequestGate:
 
     def __init__(self, *, engine: PioEngine, settings: PioSettings, images: ImageLoader,
                  root_path: str = "", draining: Callable[[], bool] = lambda: False,
-                 registry: Any | None = None) -> None:
+                 registry: Any | None = None, api_server: int | None = None) -> None:
         """`registry`: where `pio_requests_total{tenant, priority_class, status}` goes (the
-        server's Prometheus registry); None: not exported."""
+        server's Prometheus registry); None: not exported. `api_server`: this process's
+        index among several API servers (`--api-server-count N`): every response names it
+        in `x-pio-api-server`."""
         self._draining = draining
         self._requests = None if registry is None else _request_counter(registry)
         self._engine = engine
@@ -167,11 +170,14 @@ class RequestGate:
         }
         self._images = images
         self._ids = itertools.count()
+        self._api_server = None if api_server is None else str(api_server)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, app: Any) -> None:
         """Check `scope`'s request and pass it to `app` (vLLM's routes) when admitted."""
         path = strip_root(scope.get("path", ""), self._root_path)
         method = "WEBSOCKET" if scope["type"] == "websocket" else scope.get("method", "")
+        if self._api_server is not None:
+            send = _with_header(send, API_SERVER_HEADER, self._api_server)
         if method == "OPTIONS":  # CORS preflight: vLLM's CORS middleware answers it
             await app(scope, receive, send)
             return

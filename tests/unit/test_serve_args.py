@@ -26,9 +26,15 @@ def test_model_tag_overrides_config_model(tmp_path: Path) -> None:
     assert settings.model == str(tmp_path) and args.served_model_name is None
 
 
-def test_several_api_servers_are_refused() -> None:
-    with pytest.raises(ConfigError, match="api-server-count 2"):
-        parse_args(["--config", str(TINY_CONFIG), "--api-server-count", "2"], None)
+def test_api_server_count_is_accepted_and_data_parallel_refused() -> None:
+    args, _ = parse_args(["--config", str(TINY_CONFIG), "--api-server-count", "2"], None)
+    assert args.api_server_count == 2
+    args, _ = parse_args(["--config", str(TINY_CONFIG)], None)
+    assert args.api_server_count == 1
+    with pytest.raises(ConfigError, match="api-server-count 65: accepted 1..64"):
+        parse_args(["--config", str(TINY_CONFIG), "--api-server-count", "65"], None)
+    with pytest.raises(ConfigError, match="data-parallel-size 2.*serve-replicas"):
+        parse_args(["--config", str(TINY_CONFIG), "--data-parallel-size", "2"], None)
 
 
 def test_serve_replicas_policy_fits_the_replica_count() -> None:
