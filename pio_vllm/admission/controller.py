@@ -302,7 +302,9 @@ class AdmissionController:
         changed = running != self._slo.running
         self._slo.running = running
         now = self._clock()
-        if self._node is not None:  # vLLM sends each step's stats to one process only
+        if self._node is not None and (crossed or changed):
+            # vLLM sends each step's stats to one process only; the others decide again
+            # when what their decisions read has moved (not on every step's stats)
             self._node.store_engine(kv_usage, running, now)
         self._slo.pace.record(now, inter_token_s_total, inter_tokens_total)
         if crossed or (self._slo.active and (
