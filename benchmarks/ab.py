@@ -45,7 +45,7 @@ SUMMARY_KEYS = (
     "e2e_p99_s", "pio_intake_p50_s", "pio_intake_p99_s", "slo_met", "goodput_req_per_s",
     "shed", "expired", "shed_429", "errors", "classes", "tuning", "admission_capacity",
     "preemptions", "engine_preemptions", "admission_events", "step_model",
-    "service_calibration", "ttft_prediction_error_p50", "server_timings",
+    "service_calibration", "ttft_prediction_error_p50", "server_timings", "peak_running",
 )
 
 

@@ -104,10 +104,32 @@ def figures(sides: dict[str, dict[str, Any]]) -> dict[str, float | None]:
                                            sides["plain"]["output_tok_per_s"]),
         **{f"{name}_{key}": value for name, f in (("plain", plain), ("pio", pio))
            for key, value in f.items()},
+        **_one_server_figures(sides, pio),
     }
 
 
-def targets(workload: str) -> list[Target]:
+ONE_SERVER = "pio-1api"  # with --api-server-count N: pio with one API server, same round
+
+
+def _one_server_figures(sides: dict[str, dict[str, Any]],
+                        pio: dict[str, float | None]) -> dict[str, float | None]:
+    """With several API servers: pio's urgent p99 with one API server over its p99 with N
+    (>= 1: N processes are no worse), and vLLM's peak running count on each side."""
+    if ONE_SERVER not in sides:
+        return {}
+    one = side_figures(sides[ONE_SERVER])
+    out: dict[str, float | None] = {
+        "urgent_ttft_p99_one_server_over_pio": ratio(one["urgent_ttft_p99_s"],
+                                                     pio["urgent_ttft_p99_s"]),
+        "pio_1api_urgent_ttft_p99_s": one["urgent_ttft_p99_s"]}
+    for name in ("plain", "pio"):
+        peaks = sides[name].get("peak_running") or {}
+        out[f"{name}_peak_vllm_running"] = peaks.get("vllm_running")
+    out["pio_peak_past_queue"] = (sides["pio"].get("peak_running") or {}).get("pio_past_queue")
+    return out
+
+
+def targets(workload: str, api_servers: int = 1) -> list[Target]:
     """The decided targets: 10x lower urgent p99 than plain and at most 4x pio's own
     unloaded TTFT (rendering on vLLM's one multimodal thread, 110-149 ms for 8 urgent
     renders on this machine, is the floor; 3x stays the GPU target), throughput no harm;
@@ -121,6 +143,11 @@ def targets(workload: str) -> list[Target]:
                           "pio's urgent TTFT p99 <= 4x its unloaded TTFT (upper bound)"))
     out.append(Target("throughput no harm", "throughput_pio_over_plain", Kind.NO_HARM, 0.97,
                       "throughput pio/plain >= 0.97x (median; lower bound >= 0.9)"))
+    if api_servers > 1:
+        out.append(Target(
+            f"{api_servers} API servers no worse than one", "urgent_ttft_p99_one_server_over_pio",
+            Kind.NO_HARM, 0.97, f"urgent TTFT p99 with 1 / with {api_servers} API servers "
+            ">= 0.97x (median; lower bound >= 0.9)"))
     return out
 
 
@@ -138,19 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
     add_round_args(ap)
     ap.add_argument("--workload-seed", type=int, default=0)
+    ap.add_argument("--api-server-count", type=int, default=1,
+                    help="server mode: API-server processes on both sides (vLLM's "
+                    "--api-server-count; pio admits across them in one order)")
     ap.add_argument("--out", type=Path, default=None)
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
+    if a.api_server_count != 1 and a.mode != "server":
+        ap.error(f"--api-server-count {a.api_server_count} needs --mode server")
+    api = "" if a.api_server_count == 1 else f"-{a.api_server_count}api"
     out = a.out or Path(
-        f"benchmarks/results/priority-inversion-{a.workload}-{a.mode}-cpu.json")
+        f"benchmarks/results/priority-inversion-{a.workload}-{a.mode}{api}-cpu.json")
     work = WORKLOADS[a.workload](a.workload_seed)
     with tempfile.TemporaryDirectory() as tmp:
-        config = str(derive_config(a.config, Path(tmp) / "inversion.yaml"))
-        rounds = run_rounds({"plain": ("plain", config), "pio": ("pio", config)}, work,
-                            mode=a.mode, rounds=a.rounds, seed=a.seed)
-        report(f"priority-inversion-{a.workload}", rounds, mode=a.mode,
+        engine = {} if a.api_server_count == 1 else {"api_server_count": a.api_server_count}
+        config = str(derive_config(a.config, Path(tmp) / "inversion.yaml", engine=engine))
+        sides = {"plain": ("plain", config), "pio": ("pio", config)}
+        if a.api_server_count > 1:  # pio with one API server in the same rounds
+            sides[ONE_SERVER] = ("pio", str(derive_config(a.config, Path(tmp) / "one.yaml")))
+        rounds = run_rounds(sides, work, mode=a.mode, rounds=a.rounds, seed=a.seed)
+        report(f"priority-inversion-{a.workload}{api}", rounds, mode=a.mode,
                config=str(a.config), out=out, seed=a.seed, figures=figures,
-               targets=targets(a.workload),
+               targets=targets(a.workload, a.api_server_count),
                extra={"command": command_line("priority-inversion", argv)},
                workload={"name": a.workload, "requests": len(work), "seed": a.workload_seed,
                          "description": WORKLOADS[a.workload].__doc__ or a.workload})

@@ -58,6 +58,12 @@ def engine_flags(engine: dict[str, Any]) -> list[str]:
     return flags
 
 
+def api_servers(settings: Any) -> int:
+    """API-server processes a config asks for (`engine.api_server_count`, a `vllm serve`
+    flag: both sides get it)."""
+    return int(settings.engine.get("api_server_count") or 1)
+
+
 def free_port() -> int:
     return free_port_block(1)
 
@@ -113,7 +119,10 @@ def start(kind: str, settings_path: str, log_path: Path) -> tuple[subprocess.Pop
             also = f"http://127.0.0.1:{port + 1}"
     else:
         model = resolve_model(settings)
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        # several API servers: vLLM's `vllm serve` (run_multi_api_server), see plain_serve
+        entry = ("benchmarks.plain_serve" if api_servers(settings) > 1
+                 else "vllm.entrypoints.openai.api_server")
+        cmd = [sys.executable, "-m", entry, "--model", model,
                "--served-model-name", settings.model,
                *engine_flags({k: v for k, v in settings.engine.items()
                               if k != "scheduler_cls"}), *listen]
@@ -165,12 +174,15 @@ def _data_urls(images: list[Any]) -> list[str]:
 
 async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
                  slo: Slo | None, concurrency: int | None,
-                 headers: dict[str, str] | None = None, wait_for_model: float | None = 0.5
-                 ) -> dict[str, Any]:
+                 headers: dict[str, str] | None = None, wait_for_model: float | None = 0.5,
+                 sample_running: bool = False) -> dict[str, Any]:
     """Replay `work` against a running server after the shared warm-up; `headers` go with
     every request (an API key, for instance); `wait_for_model`: give pio's SLO admission up
     to 15 s after the warm-up to fit a step model with at least this R^2 (the server's
-    tuning.min_r2; None: do not wait, as for a config without SLO targets)."""
+    tuning.min_r2; None: do not wait, as for a config without SLO targets);
+    `sample_running`: read /metrics every 100 ms through the run and report the most
+    requests vLLM ran and pio held past its queue at once (several API servers: the node's
+    capacity is what is checked)."""
     import httpx
 
     warm = [r for wave in warmup_work(work) for r in wave]
@@ -234,7 +246,15 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
         await warm_up(work, submit, ready=None if min_r2 is None
                       else lambda: _model_fitted(client, min_r2))
         metrics_before = (await client.get("/metrics")).text
-        rows, wall = await _replay(work, submit, concurrency)
+        peaks: dict[str, float] = {}
+        sampler = asyncio.create_task(_sample_running(client, peaks)) if sample_running \
+            else None
+        try:
+            rows, wall = await _replay(work, submit, concurrency)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
         metrics = (await client.get("/metrics")).text
     result = summarise(rows, wall, slo) | {"rows": rows}
     result["shed_429"] = sum(1 for r in rows if str(r["error"]).startswith("HTTP 429"))
@@ -246,6 +266,8 @@ async def replay(kind: str, base: str, model: str, work: list[BenchRequest],
 
     result["preemptions"] = during("pio_admission_events_total", 'event="preempted"')
     result["engine_preemptions"] = during("vllm:num_preemptions_total")
+    if sample_running:
+        result["peak_running"] = peaks
     if kind == "pio":
         result["server_timings"] = server_timings(metrics_before, metrics, rows)
         result["admission_events"] = {
@@ -320,6 +342,23 @@ def _counter(text: str, name: str, label: str = "") -> float | None:
     return sum(values) if values else None
 
 
+async def _sample_running(client: Any, peaks: dict[str, float]) -> None:
+    """The most vLLM ran (`vllm:num_requests_running`) and pio held past its queue
+    (`pio_running_requests`, summed over classes and processes) in any sample."""
+    names = {"vllm_running": "vllm:num_requests_running",
+             "pio_past_queue": "pio_running_requests"}
+    samples = 0
+    while True:
+        text = (await client.get("/metrics")).text
+        samples += 1
+        for key, name in names.items():
+            value = _counter(text, name + "{") or _counter(text, name + " ")
+            if value is not None:
+                peaks[key] = max(peaks.get(key, 0.0), value)
+        peaks["samples"] = samples
+        await asyncio.sleep(0.1)
+
+
 def run_server_side(kind: str, settings_path: str, work: list[BenchRequest],
                     slo: Slo | None, concurrency: int | None, log_dir: Path) -> dict[str, Any]:
     from pio_vllm.settings import PioSettings
@@ -329,6 +368,7 @@ def run_server_side(kind: str, settings_path: str, work: list[BenchRequest],
     try:
         return asyncio.run(replay(kind, base, settings.model, work, slo, concurrency,
                                   wait_for_model=settings.tuning.min_r2
-                                  if settings.slo_admission_on() else None))
+                                  if settings.slo_admission_on() else None,
+                                  sample_running=api_servers(settings) > 1))
     finally:
         stop(proc)
