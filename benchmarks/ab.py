@@ -61,9 +61,11 @@ class Round:
 def run_rounds(sides: dict[str, tuple[str, str]], work: list[BenchRequest], *, mode: str,
                slo: Slo | None = None, concurrency: int | None = None,
                rounds: int = DEFAULT_ROUNDS, seed: int = 0, label: str = "",
-               first_round: int = 0) -> list[Round]:
+               first_round: int = 0, sample_running: bool = False) -> list[Round]:
     """Run `rounds` rounds of every side on `work`; each round's order comes from `seed`
-    (`first_round` numbers them when a scenario runs its rounds in several calls)."""
+    (`first_round` numbers them when a scenario runs its rounds in several calls);
+    `sample_running`: server mode, every side's /metrics sampled through the run
+    (`server_mode.replay`), so no side carries the sampling's cost alone."""
     out: list[Round] = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -81,7 +83,8 @@ def run_rounds(sides: dict[str, tuple[str, str]], work: list[BenchRequest], *, m
                 else:
                     from benchmarks.server_mode import run_server_side
 
-                    results[name] = run_server_side(kind, config, work, slo, concurrency, tmp)
+                    results[name] = run_server_side(kind, config, work, slo, concurrency, tmp,
+                                                    sample_running=sample_running)
             # sides keep the scenario's order in the report; the run order is recorded
             out.append(Round(index, order, {name: results[name] for name in sides}))
     return out

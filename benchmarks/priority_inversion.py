@@ -122,9 +122,9 @@ def _one_server_figures(sides: dict[str, dict[str, Any]],
         "urgent_ttft_p99_one_server_over_pio": ratio(one["urgent_ttft_p99_s"],
                                                      pio["urgent_ttft_p99_s"]),
         "pio_1api_urgent_ttft_p99_s": one["urgent_ttft_p99_s"]}
-    for name in ("plain", "pio"):
+    for name in ("plain", "pio", ONE_SERVER):
         peaks = sides[name].get("peak_running") or {}
-        out[f"{name}_peak_vllm_running"] = peaks.get("vllm_running")
+        out[f"{name.replace('-', '_')}_peak_vllm_running"] = peaks.get("vllm_running")
     out["pio_peak_past_queue"] = (sides["pio"].get("peak_running") or {}).get("pio_past_queue")
     return out
 
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         sides = {"plain": ("plain", config), "pio": ("pio", config)}
         if a.api_server_count > 1:  # pio with one API server in the same rounds
             sides[ONE_SERVER] = ("pio", str(derive_config(a.config, Path(tmp) / "one.yaml")))
-        rounds = run_rounds(sides, work, mode=a.mode, rounds=a.rounds, seed=a.seed)
+        rounds = run_rounds(sides, work, mode=a.mode, rounds=a.rounds, seed=a.seed,
+                            sample_running=a.api_server_count > 1)
         report(f"priority-inversion-{a.workload}{api}", rounds, mode=a.mode,
                config=str(a.config), out=out, seed=a.seed, figures=figures,
                targets=targets(a.workload, a.api_server_count),

@@ -360,7 +360,8 @@ async def _sample_running(client: Any, peaks: dict[str, float]) -> None:
 
 
 def run_server_side(kind: str, settings_path: str, work: list[BenchRequest],
-                    slo: Slo | None, concurrency: int | None, log_dir: Path) -> dict[str, Any]:
+                    slo: Slo | None, concurrency: int | None, log_dir: Path,
+                    sample_running: bool = False) -> dict[str, Any]:
     from pio_vllm.settings import PioSettings
 
     settings = PioSettings.load(settings_path)
@@ -369,6 +370,6 @@ def run_server_side(kind: str, settings_path: str, work: list[BenchRequest],
         return asyncio.run(replay(kind, base, settings.model, work, slo, concurrency,
                                   wait_for_model=settings.tuning.min_r2
                                   if settings.slo_admission_on() else None,
-                                  sample_running=api_servers(settings) > 1))
+                                  sample_running=sample_running))
     finally:
         stop(proc)
