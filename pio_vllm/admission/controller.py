@@ -57,7 +57,13 @@ from pio_vllm.admission.policy import (
     shed_decision,
 )
 from pio_vllm.admission.slo_policy import WorkModel
-from pio_vllm.admission.slo_pricing import QueuedAhead, SloPricing, SloStats, outranks
+from pio_vllm.admission.slo_pricing import (
+    QueuedAhead,
+    QueuedByLevel,
+    SloPricing,
+    SloStats,
+    outranks,
+)
 from pio_vllm.admission.ticket import RELEASE_EVENT, Release, Ticket, TicketState, tighter
 from pio_vllm.errors import DeadlineExceededError, EngineNotRunningError, RequestRejectedError
 from pio_vllm.settings import AdmissionSettings, PriorityClass
@@ -420,7 +426,7 @@ class AdmissionController:
         if slo:
             self._slo.refresh_rate(now, granted)
         blocked_level: int | None = None  # FIFO: nothing of this level or lower passes
-        ahead = QueuedAhead()  # the tickets before this one that stay queued
+        ahead = QueuedByLevel()  # the tickets before this one that stay queued
         reserved_s = 0.0  # bucket work other processes' tickets ahead will take
         views = [self._view(t) for t in self._waiting.values()]
         views.extend(self._remote_view(t) for t in remote.values())
@@ -435,14 +441,14 @@ class AdmissionController:
                         continue
                     blocked_level = other.level if blocked_level is None else min(
                         blocked_level, other.level)
-                ahead.add(other.work_s, other.charged_s)
+                ahead.add(other.level, other.work_s, other.charged_s)
                 continue
             charge = self._slo.charge_s(ticket)
             if blocked_level is not None and ticket.level >= blocked_level:
-                ahead.add(ticket.work_s, charge)
+                ahead.add(ticket.level, ticket.work_s, charge)
                 continue
             if slo and ticket.ttft_target_s is not None:
-                predicted = self._slo.predict(ticket, now, ahead, granted)
+                predicted = self._slo.predict(ticket, now, ahead.upto(ticket.level), granted)
                 if predicted > ticket.ttft_target_s:
                     if self._serves_late(ticket):
                         self._serve_late(ticket)
@@ -470,7 +476,7 @@ class AdmissionController:
                 self._grant(ticket, now, granted, take_work=not unrationed)
                 granted.append(ticket)
             else:
-                ahead.add(ticket.work_s, charge)
+                ahead.add(ticket.level, ticket.work_s, charge)
                 blocked_level = ticket.level if blocked_level is None else min(
                     blocked_level, ticket.level)
 
@@ -593,7 +599,8 @@ class AdmissionController:
             mine = self._policy.effective_level(self._view(ticket), now)
             work_ahead = QueuedAhead()
             for t, view in queued.values():
-                if self._policy.effective_level(view, now) <= mine:
+                # ahead in the order and of its class or above (`QueuedByLevel`)
+                if self._policy.effective_level(view, now) <= mine and t.level <= ticket.level:
                     work_ahead.add(t.work_s, t.charged_s if t.key < 0 else
                                    self._slo.charge_s(t))
             predicted = self._slo.predict(ticket, now, work_ahead, granted)

@@ -52,6 +52,30 @@ class QueuedAhead:
         self.charge_s += charge_s
 
 
+class QueuedByLevel:
+    """The requests before one in pio's queue order that stay queued, by priority level. A
+    request waits only for those of its own level or a higher class: one of a lower class
+    that aging moved ahead of it in the order is overtaken anyway (it does not count against
+    the request's capacity, the work bucket lets the request in first, and vLLM serves it
+    first). Counting such requests refused 2303 interactive requests in the simulator's H100
+    projection (2 replicas under a batch flood: "14.76s of queued work ahead") that vLLM's
+    own priority scheduling served within their 0.5 s target."""
+
+    def __init__(self) -> None:
+        self._by_level: dict[int, QueuedAhead] = {}
+
+    def add(self, level: int, work_s: float, charge_s: float) -> None:
+        self._by_level.setdefault(level, QueuedAhead()).add(work_s, charge_s)
+
+    def upto(self, level: int) -> QueuedAhead:
+        """What a request of `level` waits behind."""
+        out = QueuedAhead()
+        for lvl, ahead in self._by_level.items():
+            if lvl <= level:
+                out.add(ahead.work_s, ahead.charge_s)
+        return out
+
+
 @dataclass(frozen=True)
 class SloStats:
     """SLO admission's state: the step model it prices with, the work rate it allows."""

@@ -535,3 +535,33 @@ def test_a_request_may_tighten_its_slo_but_never_loosen_it() -> None:
     assert loose.ttft_target_s == target
     none = ctl.ticket("n", 2, "batch", None, ttft_target_s=0.3)  # a class without an SLO
     assert none.ttft_target_s == 0.3
+
+
+async def test_aged_lower_class_work_queued_ahead_does_not_refuse_an_urgent_request() -> None:
+    """Batch work that aged ahead of a fresh interactive request in pio's order is overtaken
+    anyway (lower classes do not count against its capacity; vLLM serves it first), so it
+    is not work ahead in its TTFT prediction. Counting it refused, in the simulator's H100
+    projection, interactive requests vLLM would have served within their target."""
+    clock = FakeClock()
+    ctl = slo_controller(clock, capacity=2)
+    eng = FakeEngine(ctl)
+    for i in range(2):  # the capacity fills (the work bucket refills between them)
+        ticket = submit(ctl, eng, f"run{i}", "batch", vision=1344)
+        await settle()
+        eng.start(ticket)  # type: ignore[arg-type]
+        clock.now += 5.0
+        ctl.poke()
+    for i in range(12):  # ~7 s of encoder work queued behind the full capacity
+        submit(ctl, eng, f"queued{i}", "batch", vision=1344)
+    await settle()
+    assert eng.granted == ["run0", "run1"]
+    clock.now += 60.0  # long enough for the batch requests to age past a fresh interactive
+    ctl.poke()
+    urgent = submit(ctl, eng, "urgent", "interactive", vision=49)
+    await settle()
+    assert "urgent" in eng.granted and "urgent" not in eng.shed
+    assert urgent.predicted_ttft_s is not None and urgent.predicted_ttft_s < 1.0  # type: ignore[attr-defined]
+    # a standard request is held to the interactive work ahead of it, not the batch work
+    submit(ctl, eng, "std", "standard", vision=49)
+    await settle()
+    assert "std" in eng.granted
