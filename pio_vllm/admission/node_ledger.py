@@ -153,7 +153,9 @@ class NodeLedger:
         self._cache: dict[int, tuple[float, list[Ticket], list[RemoteQueued]]] = {}
         self._liveness: dict[int, tuple[float, bool]] = {}
         mine = self._rows[index]
+        version = float(mine[0][_R_VERSION])  # stays increasing: readers cache by it
         mine[0][:] = 0.0
+        mine[0][_R_VERSION] = version + 1
         mine[0][_R_PID] = float(os.getpid() if pid is None else pid)
         mine[0][_R_BEAT] = time.monotonic()
 

@@ -213,3 +213,22 @@ async def test_released_and_expired_tickets_leave_the_other_processes_view(
         "waiting": 0, "granted": 0, "class_queues": 0}
     assert LEVEL["batch"] == 2
     await asyncio.sleep(0)
+
+
+async def test_a_restarted_process_row_is_read_afresh(path: Path) -> None:
+    """A row's version only grows, also across a re-attach, so another process never keeps
+    a cached view of a row that was rewritten."""
+    clock = FakeClock()
+    reader = ledger(path, 1, 102)
+    first = Engine(node_controller(ledger(path, 0, 101), clock))
+    first.submit("a0", "batch")
+    await settle()
+    assert len(reader.remote_granted()) == 1
+    assert reader.remote_granted()[0].class_name == "batch"
+    before = reader.token()[0]  # row 0's version, as process 1 sees it
+    again = ledger(path, 0, 103)  # the same row, attached by a new process
+    assert reader.token()[0] > before
+    urgent = Ticket(key=1, request_id="u", class_name="interactive", level=0, weight=4.0,
+                    arrival_at=0.0, queue_deadline_at=None, state=TicketState.IN_ENGINE)
+    again.publish([urgent], [])  # its first publish: the same count as the cached view
+    assert [t.class_name for t in reader.remote_granted()] == ["interactive"]
