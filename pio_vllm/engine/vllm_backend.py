@@ -116,6 +116,33 @@ def build_engine_args(settings: PioSettings, model_path: str) -> Any:
         raise ConfigError(f"invalid vLLM engine arguments {kwargs}: {e}") from e
 
 
+def engine_config(settings: PioSettings, usage: Any,
+                  api_processes: tuple[int, int] | None = None) -> tuple[Any, Any, str, str | None]:
+    """(engine args, resolved VllmConfig with pio's scheduler installed, model path, the
+    scheduler's import path or None) for the engine `settings` describe: vLLM's environment
+    set, the model built if needed. `api_processes`: (count, this one's rank, -1 for the
+    parent that starts the EngineCore) with several API-server processes."""
+    for key, value in settings.vllm_env.items():
+        # vLLM reads its environment in the spawned EngineCore and worker processes,
+        # which inherit ours: set before they start.
+        os.environ[key] = str(value)
+    model_path = resolve_model(settings)
+    args = build_engine_args(settings, model_path)
+    if api_processes is not None:
+        args._api_process_count, args._api_process_rank = api_processes
+    try:
+        vllm_config = args.create_engine_config(usage)
+    except Exception as e:
+        raise ConfigError(f"invalid vLLM engine arguments for {model_path!r}: {e}") from e
+    if int(getattr(vllm_config.parallel_config, "data_parallel_size", 1)) > 1:
+        raise ConfigError(
+            f"data_parallel_size={vllm_config.parallel_config.data_parallel_size}: pio "
+            "admits into one engine (its capacity and KV usage are one engine's); run one "
+            "replica per engine behind a router instead: pio-vllm serve-replicas "
+            "--replicas N (tensor and pipeline parallelism pass through)")
+    return args, vllm_config, model_path, install_pio_scheduler(vllm_config, settings)
+
+
 def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None:
     """Put pio's scheduler (patches/) and its settings into a resolved VllmConfig; returns
     the scheduler's import path, or None when neither preemption nor tuning needs it.
@@ -254,35 +281,20 @@ class VllmBackend:
             logger.warning(
                 "vLLM %d.%d is not a tested release (tested: %s)", *major_minor, SUPPORTED_VLLM
             )
-        for key, value in settings.vllm_env.items():
-            # vLLM reads its environment in the spawned EngineCore and worker processes,
-            # which inherit ours: set before they start.
-            os.environ[key] = str(value)
-        model_path = resolve_model(settings)
-        args = build_engine_args(settings, model_path)
-        client: dict[str, Any] = {}
-        if frontend is not None:
-            args._api_process_count = frontend.count
-            args._api_process_rank = frontend.index
-            addresses = dict(frontend.client_config)
-            client = {"client_addresses": addresses,
-                      "client_count": addresses.pop("client_count", frontend.count),
-                      "client_index": addresses.pop("client_index", frontend.index)}
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         usage = usage_context or UsageContext.ENGINE_CONTEXT
-        try:
-            vllm_config = args.create_engine_config(usage)
-        except Exception as e:
-            raise ConfigError(f"invalid vLLM engine arguments for {model_path!r}: {e}") from e
-        if int(getattr(vllm_config.parallel_config, "data_parallel_size", 1)) > 1:
-            raise ConfigError(
-                f"data_parallel_size={vllm_config.parallel_config.data_parallel_size}: pio "
-                "admits into one engine (its capacity and KV usage are one engine's); run one "
-                "replica per engine behind a router instead: pio-vllm serve-replicas "
-                "--replicas N (tensor and pipeline parallelism pass through)")
-        scheduler = install_pio_scheduler(vllm_config, settings)
+        client: dict[str, Any] = {}
+        if frontend is None:
+            args, vllm_config, model_path, scheduler = engine_config(settings, usage)
+        else:
+            args, vllm_config, model_path, scheduler = engine_config(
+                settings, usage, api_processes=(frontend.count, frontend.index))
+            addresses = dict(frontend.client_config)
+            client = {"client_addresses": addresses,
+                      "client_count": addresses.pop("client_count", frontend.count),
+                      "client_index": addresses.pop("client_index", frontend.index)}
         probe = EngineStatsProbe()
         loggers: list[Any] = [probe.logger_factory()]
         loggers.append(silent_prometheus_logger() if args.disable_log_stats

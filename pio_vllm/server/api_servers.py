@@ -19,7 +19,6 @@ node's too.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import tempfile
 import time
@@ -48,11 +47,7 @@ def serve_api_servers(args: Any, settings: PioSettings) -> None:
             f"--api-server-count {args.api_server_count} needs vLLM 0.32's multi-process "
             f"frontend ({e}); accepted on this vLLM: 1") from e
 
-    from pio_vllm.engine.vllm_backend import (
-        build_engine_args,
-        install_pio_scheduler,
-        resolve_model,
-    )
+    from pio_vllm.engine.vllm_backend import engine_config
 
     count = int(args.api_server_count)
     setup_multiprocess_prometheus()
@@ -67,21 +62,13 @@ def serve_api_servers(args: Any, settings: PioSettings) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    for key, value in settings.vllm_env.items():  # the EngineCore and servers inherit them
-        os.environ[key] = str(value)
-    model_path = resolve_model(settings)
+    # the EngineCore and the servers inherit vLLM's environment set here
+    _, vllm_config, model_path, scheduler = engine_config(
+        settings, UsageContext.OPENAI_API_SERVER, api_processes=(count, -1))
     args.model = model_path
     if args.tokenizer is None:
         args.tokenizer = model_path
     listen_address, sock = setup_server(args, reuse_port=True)
-    engine_args = build_engine_args(settings, model_path)
-    engine_args._api_process_count = count
-    engine_args._api_process_rank = -1
-    try:
-        vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-    except Exception as e:
-        raise ConfigError(f"invalid vLLM engine arguments for {model_path!r}: {e}") from e
-    scheduler = install_pio_scheduler(vllm_config, settings)
     if scheduler is not None:
         logger.info("vLLM runs pio's scheduler %s", scheduler)
 
