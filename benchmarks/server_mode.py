@@ -352,7 +352,8 @@ async def _sample_running(client: Any, peaks: dict[str, float]) -> None:
         text = (await client.get("/metrics")).text
         samples += 1
         for key, name in names.items():
-            value = _counter(text, name + "{") or _counter(text, name + " ")
+            labelled = _counter(text, name + "{")
+            value = labelled if labelled is not None else _counter(text, name + " ")
             if value is not None:
                 peaks[key] = max(peaks.get(key, 0.0), value)
         peaks["samples"] = samples

@@ -399,7 +399,7 @@ class AdmissionController:
     def _remote_queued(self) -> dict[int, Ticket]:
         if self._node is None:
             return {}
-        return {q.ticket.key: q.ticket for q in self._node.remote_queued()}
+        return {t.key: t for t in self._node.remote_queued()}
 
     def _remote_view(self, t: Ticket) -> WaitingView:
         cls = self._classes.get(t.class_name)

@@ -38,7 +38,6 @@ import mmap
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,15 +100,6 @@ def create(path: Path, processes: int) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class RemoteQueued:
-    """A ticket queued in another process: a place in the node's order this process may
-    not grant (`ticket` is its stand-in; `owner` the row it came from)."""
-
-    owner: int
-    ticket: Ticket
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -150,7 +140,7 @@ class NodeLedger:
         self._stats_seen = 0.0
         self._model_seen = float(self._header[_H_MODEL_SEQ])
         self._capacity_seen = float(self._header[_H_CAPACITY_SEQ])
-        self._cache: dict[int, tuple[float, list[Ticket], list[RemoteQueued]]] = {}
+        self._cache: dict[int, tuple[float, list[Ticket], list[Ticket]]] = {}
         self._liveness: dict[int, tuple[float, bool]] = {}
         mine = self._rows[index]
         version = float(mine[0][_R_VERSION])  # stays increasing: readers cache by it
@@ -250,7 +240,7 @@ class NodeLedger:
         self._liveness[i] = (now, alive)
         return alive
 
-    def _remote(self, i: int) -> tuple[list[Ticket], list[RemoteQueued]]:
+    def _remote(self, i: int) -> tuple[list[Ticket], list[Ticket]]:
         head, g_rows, q_rows = self._rows[i]
         pid = int(head[_R_PID])
         if pid <= 0 or not self._live(i, pid, time.monotonic()):
@@ -260,8 +250,7 @@ class NodeLedger:
         if cached is not None and cached[0] == version:
             return cached[1], cached[2]
         granted = [self._granted_ticket(i, k, g_rows[k]) for k in range(int(head[_R_GRANTED]))]
-        queued = [RemoteQueued(i, self._queued_ticket(i, k, q_rows[k]))
-                  for k in range(int(head[_R_QUEUED]))]
+        queued = [self._queued_ticket(i, k, q_rows[k]) for k in range(int(head[_R_QUEUED]))]
         self._cache[i] = (version, granted, queued)
         return granted, queued
 
@@ -300,10 +289,11 @@ class NodeLedger:
             out.extend(self._remote(i)[0])
         return out
 
-    def remote_queued(self) -> list[RemoteQueued]:
-        """The other live processes' queued tickets, each with its arrival time in the
-        order (`ticket.arrival_at`)."""
-        out: list[RemoteQueued] = []
+    def remote_queued(self) -> list[Ticket]:
+        """The other live processes' queued tickets (stand-ins, each with its arrival time
+        in the order as `arrival_at`): places in the node's order this process may not
+        grant."""
+        out: list[Ticket] = []
         for i in self.others():
             out.extend(self._remote(i)[1])
         return out
