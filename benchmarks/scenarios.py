@@ -208,6 +208,7 @@ GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
     "overhead": overhead, "burst-overload": burst_overload, "image-flood": image_flood,
     "router-overhead": router_overhead, "smoke": smoke}
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
+               "ablation": "benchmarks.ablation",
                "mixed-resolution": "benchmarks.mixed_resolution",
                "step-budget": "benchmarks.step_budget",
                "suite": "benchmarks.suite",
@@ -226,6 +227,10 @@ def targets_of(doc: dict[str, Any]) -> list[Target]:
         from benchmarks.mixed_resolution import targets as mixed
 
         return mixed([float(x) for x in doc["workload"]["loads"]])
+    if scenario == "ablation":
+        from benchmarks.ablation import targets as ablation
+
+        return ablation(doc["workload"]["mechanism"], doc["workload"]["figure"])
     if scenario == "step-budget":
         from benchmarks.step_budget import TARGETS
 
