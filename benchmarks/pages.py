@@ -27,7 +27,7 @@ HEADLINE = (
     ("burst-overload-server-cpu", "SLO met"),
     ("mixed-resolution-server-cpu", "3x goodput"),
     ("overhead-server-cpu", "throughput no harm"),
-    ("step-budget-2b-cpu", "interactive before batch"),
+    ("priority-2b-cpu", "interactive before batch"),
 )
 
 
@@ -58,11 +58,19 @@ def record_markdown(doc: dict[str, Any]) -> str:
     return markdown(doc)
 
 
+def record_title(doc: dict[str, Any]) -> str:
+    """A record's name in the docs: its scenario and mode (an ablation names its
+    mechanism)."""
+    if doc["scenario"] == "ablation":
+        return f"ablation without {doc['workload']['mechanism']} ({doc['mode']})"
+    return f"{doc['scenario']} ({doc['mode']})"
+
+
 def record_page(stem: str, doc: dict[str, Any]) -> str:
     body = record_markdown(doc).split("\n", 1)[1]  # the page has its own title
     plots = "\n".join(f"![{p}]({p})" for p in doc.get("plots") or [])
     return "\n".join([
-        f"# {doc['scenario']} ({doc['mode']})", "",
+        f"# {record_title(doc)}", "",
         "Reproduce (uv run --extra cpu --extra bench ...):", "", "```bash",
         reproduce(doc), "```", "",
         f"Record: `benchmarks/results/{stem}.json`.", "", body.strip(), "", "## Plots", "",

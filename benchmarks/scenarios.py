@@ -11,8 +11,9 @@
   first what it predicts meets the SLO, sheds the interactive requests that cannot (429 +
   Retry-After) and serves such batch requests late (`infeasible: serve_late`). Reports
   SLO met per side.
-- `priority-inversion`, `mixed-resolution`, `step-budget` (the 2B architecture, step
-  budget off vs on): their own modules.
+- `priority-inversion`, `mixed-resolution`, `priority-2b` (the 2B architecture: interactive
+  requests behind batch image prefills), `ablation` (pio with and without one of its
+  mechanisms): their own modules.
 - `image-flood`: a Poisson flood of unique low-priority images (up to 1344x1008) with
   interactive requests arriving during it; the first two arrive before the flood (their
   TTFT is the unloaded reference).
@@ -210,7 +211,7 @@ GENERIC: dict[str, Callable[..., dict[str, Any]]] = {
 OWN_MODULES = {"priority-inversion": "benchmarks.priority_inversion",
                "ablation": "benchmarks.ablation",
                "mixed-resolution": "benchmarks.mixed_resolution",
-               "step-budget": "benchmarks.step_budget",
+               "priority-2b": "benchmarks.priority_2b",
                "suite": "benchmarks.suite",
                "calibrate": "benchmarks.calibrate",
                "replay": "benchmarks.replay"}
@@ -231,8 +232,8 @@ def targets_of(doc: dict[str, Any]) -> list[Target]:
         from benchmarks.ablation import targets as ablation
 
         return ablation(doc["workload"]["mechanism"], doc["workload"]["figure"])
-    if scenario == "step-budget":
-        from benchmarks.step_budget import TARGETS
+    if scenario == "priority-2b":
+        from benchmarks.priority_2b import TARGETS
 
         return list(TARGETS)
     return {"burst-overload": BURST_TARGETS, "router-overhead": [ROUTER_NO_HARM]}.get(

@@ -61,7 +61,7 @@ PROFILES = {
         "the protocol end to end on the tiny model (CI)"),
     "cpu": Profile(
         "cpu", "cpu", "configs/tiny-cpu.yaml", 480.0, (
-            Step("step-budget-2b", ("step-budget", "--rounds", "5"), 30,
+            Step("priority-2b", ("priority-2b", "--rounds", "5"), 30,
                  config="configs/qwen3-vl-2b-instruct-cpu.yaml"),
             Step("priority-inversion-flood-server", (
                 "priority-inversion", "--mode", "server", "--workload", "flood",

@@ -12,7 +12,7 @@ import mkdocs_gen_files
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.pages import RESULTS, record_page, records  # noqa: E402
+from benchmarks.pages import RESULTS, record_page, record_title, records  # noqa: E402
 from pio_vllm.settings import PioSettings, explain  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -51,7 +51,7 @@ for stem, doc in found.items():
         if (results / png).is_file():
             with mkdocs_gen_files.open(f"benchmarks/{png}", "wb") as f:
                 f.write((results / png).read_bytes())
-    summary.append(f"    * [{doc['scenario']} ({doc['mode']})]({stem}.md)")
+    summary.append(f"    * [{record_title(doc)}]({stem}.md)")
 # The simulator's tables (benchmarks/sim_*.py and `pio-vllm simulate --json-out`) beside
 # the records they are judged against, each with its plot where it has one.
 for md in sorted(results.glob("sim-*.md")):
@@ -71,7 +71,7 @@ def results_page() -> str:
              "Every committed record's verdicts (median over rounds, 95% bootstrap interval "
              "over rounds; the rules are in [How records are made](index.md)).", ""]
     for stem, doc in found.items():
-        lines += [f"## [{doc['scenario']} ({doc['mode']})]({stem}.md)", "",
+        lines += [f"## [{record_title(doc)}]({stem}.md)", "",
                   f"{len(doc['rounds'])} rounds; {doc['environment'].get('device')}.", "",
                   "| target | median | 95% interval | met |", "|---|---|---|---|"]
         for v in doc["verdicts"]:

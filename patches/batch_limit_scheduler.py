@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 from pio_vllm_patches.priority_preemption import PriorityPreemptionMixin
-from pio_vllm_patches.step_budget import StepBudgetMixin
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -141,13 +140,9 @@ class BatchLimitMixin:
         return super().update_from_output(*args, **kwargs)  # type: ignore[misc]
 
 
-class BatchLimitScheduler(BatchLimitMixin, PriorityPreemptionMixin, StepBudgetMixin,
-                          Scheduler):
-    """vLLM's synchronous Scheduler plus runtime batch limits, priority preemption and the
-    step budget (its caps apply below the batch limits)."""
+class BatchLimitScheduler(BatchLimitMixin, PriorityPreemptionMixin, Scheduler):
+    """vLLM's synchronous Scheduler plus runtime batch limits and priority preemption."""
 
 
-class BatchLimitAsyncScheduler(BatchLimitMixin, PriorityPreemptionMixin, StepBudgetMixin,
-                               AsyncScheduler):
-    """vLLM's AsyncScheduler plus runtime batch limits, priority preemption and the step
-    budget."""
+class BatchLimitAsyncScheduler(BatchLimitMixin, PriorityPreemptionMixin, AsyncScheduler):
+    """vLLM's AsyncScheduler plus runtime batch limits and priority preemption."""

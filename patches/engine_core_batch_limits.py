@@ -8,9 +8,8 @@ is replaced). vLLM versions verified: 0.32.0, 0.23.0.
 What it changes: adds one method. vLLM's frontend reaches EngineCore methods by name through
 utility calls (`engine_core.call_utility_async(name, *args)`; EngineCore dispatches with
 `getattr(self, name)`); the scheduler is not reachable that way, so this method forwards
-to it: it sets the next limits (and, with the step budget, the fitted step model that
-prices steps), and returns the current ones, the step budget's counters and the step
-samples recorded since the previous call, in one round trip.
+to it: it sets the next limits and returns the current ones and the step samples recorded
+since the previous call, in one round trip.
 
 Why: pio's BatchTuner runs in the frontend (it needs the request mix); the limits act in
 the scheduler, between steps. `collective_rpc` only reaches workers.
@@ -28,8 +27,8 @@ METHOD = "pio_batch_limits"
 
 
 def pio_batch_limits(self: Any, max_active: int | None = None, max_tokens: int | None = None,
-                     token_floor: int | None = None, max_encoder_tokens: int | None = None,
-                     step_model: tuple[float, float, float] | None = None) -> dict[str, Any]:
+                     token_floor: int | None = None, max_encoder_tokens: int | None = None
+                     ) -> dict[str, Any]:
     scheduler = getattr(self, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "set_batch_limits"):
         raise RuntimeError(
@@ -37,10 +36,6 @@ def pio_batch_limits(self: Any, max_active: int | None = None, max_tokens: int |
             "scheduler_cls=pio_vllm_patches.batch_limit_scheduler.BatchLimitScheduler")
     limits: dict[str, Any] = scheduler.set_batch_limits(
         max_active, max_tokens, token_floor, max_encoder_tokens)
-    if step_model is not None and hasattr(scheduler, "set_step_model"):
-        scheduler.set_step_model(*step_model)  # the frontend's fit replaces the profile
-    if hasattr(scheduler, "step_budget_stats"):
-        limits["step_budget"] = scheduler.step_budget_stats()
     limits["samples"] = scheduler.take_samples()
     return limits
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pio_vllm_patches.step_budget import StepBudgetMixin
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -115,12 +114,10 @@ class PriorityPreemptionMixin:
             preempt(request, now)
 
 
-class PriorityPreemptionScheduler(PriorityPreemptionMixin, StepBudgetMixin, Scheduler):
-    """vLLM's synchronous Scheduler plus priority preemption and the step budget (CPU, and
-    GPU without async scheduling)."""
-
-
-class PriorityPreemptionAsyncScheduler(PriorityPreemptionMixin, StepBudgetMixin,
-                                       AsyncScheduler):
-    """vLLM's AsyncScheduler plus priority preemption and the step budget (GPU with async
+class PriorityPreemptionScheduler(PriorityPreemptionMixin, Scheduler):
+    """vLLM's synchronous Scheduler plus priority preemption (CPU, and GPU without async
     scheduling)."""
+
+
+class PriorityPreemptionAsyncScheduler(PriorityPreemptionMixin, AsyncScheduler):
+    """vLLM's AsyncScheduler plus priority preemption (GPU with async scheduling)."""

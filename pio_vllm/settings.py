@@ -237,8 +237,8 @@ class AdmissionSettings(BaseModel):
         description="Where a class has ttft_target_s / tpot_target_s: price each request in "
         "engine seconds from the step-time model fitted on the scheduler's own step records "
         "(vision tokens -> encoder time, prompt tokens -> prefill time), refuse at once what "
-        "would miss its TTFT target, let work into vLLM only as fast as running requests "
-        "keep their TPOT target, and within a class let cheaper requests go first.",
+        "would miss its TTFT target and let work into vLLM only as fast as running requests "
+        "keep their TPOT target.",
     )
     slo_safety: float = Field(
         default=0.8, gt=0, le=1,
@@ -250,17 +250,16 @@ class AdmissionSettings(BaseModel):
         description="Engine seconds of prefill work that may enter at once (the work "
         "bucket's size); a single larger request enters when the bucket is full.",
     )
-    cheap_first_factor: float = Field(
-        default=2.0, ge=0,
-        description="Within a class, a request counts as arriving this many seconds later "
-        "per engine second of its own work, so cheap requests pass expensive ones that "
-        "arrived about as early (0: strict FIFO). Aging still applies across classes.",
-    )
     unknown_image_vision_tokens: int = Field(
         default=1024, ge=1,
         description="Vision tokens assumed for an image whose size is not known before "
         "admission (an http(s) URL or a file pio fetches only once admitted).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        return refuse_removed("admission", data)
 
 
 class TuningSettings(BaseModel):
@@ -304,47 +303,35 @@ class TuningSettings(BaseModel):
     min_step_tokens: int = Field(
         default=256, ge=1,
         description="Lower bound on the step token budget (vLLM chunks longer prefills; "
-        "images are encoded within vLLM's separate encoder budget); also the smallest "
-        "prefill chunk the step budget leaves a step.",
-    )
-    step_budget: bool = Field(
-        default=True,
-        description="While a class above the work in the engine is configured, cap each "
-        "engine step's new prefill tokens and vision-encoder tokens so that its predicted "
-        "time stays within the step budget (an image too large for it runs alone in its "
-        "step), and let a waiting higher-priority request's prefill go before a running "
-        "lower-priority one's next chunk (patches/step_budget.py). Active from the first "
-        "request: steps are priced with the model's default profile until the online fit "
-        "passes tuning.min_r2.",
-    )
-    step_budget_s: float | None = Field(
-        default=None, gt=0,
-        description="Engine seconds one step may take while the budget holds; None: "
-        "step_budget_fraction of the top class's ttft_target_s (no budget when that class "
-        "has no TTFT target).",
-    )
-    step_budget_fraction: float = Field(
-        default=0.25, gt=0, le=1,
-        description="The step budget as a fraction of the top class's ttft_target_s when "
-        "step_budget_s is not set: an urgent request then waits at most about this share "
-        "of its target for the step in progress.",
-    )
-    step_profile: str | None = Field(
-        default=None,
-        description="Default step prices before the online fit: tiny-cpu, qwen3-vl-2b-cpu "
-        "or qwen3-vl-2b-h100 (pio_vllm/cost/step_budget.py); None picks by model and "
-        "device.",
+        "images are encoded within vLLM's separate encoder budget).",
     )
 
-    @field_validator("step_profile")
+    @model_validator(mode="before")
     @classmethod
-    def _profile(cls, value: str | None) -> str | None:
-        from pio_vllm.cost.step_budget import PROFILES
+    def _removed(cls, data: Any) -> Any:
+        return refuse_removed("tuning", data)
 
-        if value is not None and value not in PROFILES:
-            raise ValueError(f"step_profile {value!r} is not a known profile; accepted: "
-                             f"{sorted(PROFILES)} or null (picked by model and device)")
-        return value
+
+# Settings of mechanisms the ablation showed gained nothing, removed: a config that still
+# sets one gets an error that says so (docs/simulator.md, "Ablation").
+REMOVED: dict[str, dict[str, str]] = {
+    "tuning": dict.fromkeys(
+        ("step_budget", "step_budget_s", "step_budget_fraction", "step_profile"),
+        "the step budget (docs/batch-tuning.md)"),
+    "admission": {"cheap_first_factor": "cheap-first ordering (docs/slo-admission.md)"},
+}
+
+
+def refuse_removed(section: str, data: Any) -> Any:
+    """`data` unchanged, or a ValueError naming the removed settings it sets."""
+    if isinstance(data, dict):
+        gone = sorted(k for k in data if k in REMOVED[section])
+        if gone:
+            raise ValueError(
+                f"{section}.{gone[0]} was removed with {REMOVED[section][gone[0]]}: the "
+                "ablation showed it gained nothing; delete "
+                f"{', '.join(f'{section}.{k}' for k in gone)} from the config")
+    return data
 
 
 class ApiKey(BaseModel):
@@ -573,17 +560,6 @@ class PioSettings(BaseSettings):
         if self.model.startswith(LOCAL_MODEL_PREFIX):
             return self.model[len(LOCAL_MODEL_PREFIX):]
         return None
-
-    def step_budget_s(self) -> float | None:
-        """Seconds one engine step may take while the step budget holds (None: off)."""
-        if not self.tuning.step_budget:
-            return None
-        if self.tuning.step_budget_s is not None:
-            return self.tuning.step_budget_s
-        top = min(self.priority_classes.values(), key=lambda c: c.level)
-        if top.ttft_target_s is None:
-            return None
-        return top.ttft_target_s * self.tuning.step_budget_fraction
 
     def slo_admission_on(self) -> bool:
         """SLO admission runs: admission is on, slo_admission is on and a class has a TTFT

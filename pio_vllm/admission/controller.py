@@ -346,10 +346,7 @@ class AdmissionController:
         return min(self._gate.capacity, cap + self._settings.lookahead)
 
     def _view(self, t: Ticket) -> WaitingView:
-        # Cheaper first within a class: a request counts as arriving later by its work.
-        delay = self._settings.cheap_first_factor * t.work_s if self._slo.active else 0.0
-        return WaitingView(key=t.key, level=t.level, weight=t.weight,
-                           arrival_at=t.arrival_at + delay)
+        return WaitingView(key=t.key, level=t.level, weight=t.weight, arrival_at=t.arrival_at)
 
     def _pump(self) -> None:
         with self._shared():
@@ -386,7 +383,7 @@ class AdmissionController:
             finally:
                 node.store_bucket(*self._slo.bucket.state())
                 node.publish(self._granted.values(),
-                             ((self._view(t).arrival_at, self._slo.charge_s(t), t)
+                             ((t.arrival_at, self._slo.charge_s(t), t)
                               for t in self._waiting.values()))
 
     def _node_granted(self) -> list[Ticket]:

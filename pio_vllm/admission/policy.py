@@ -49,9 +49,8 @@ class AdmissionPolicy:
         return item.level - waited_s * item.weight / self.aging_s_per_level
 
     def order(self, waiting: Iterable[WaitingView], now: float) -> list[WaitingView]:
-        """Waiting requests in the order they should be admitted. Equal effective levels
-        (none has waited yet: a virtual arrival in the future ages nothing) go by arrival,
-        so a request that counts as arriving later (cheap-first) does go later."""
+        """Waiting requests in the order they should be admitted: by effective level, then
+        by arrival."""
         return sorted(waiting, key=lambda w: (self.effective_level(w, now), w.arrival_at, w.key))
 
 

@@ -88,16 +88,12 @@ class TuningLoop:
     async def step(self) -> BatchLimits:
         """One round: push the current limits, pull samples, refit, decide the next limits."""
         limits = self.tuner.limits
-        # the last fit good enough to price with also prices the scheduler's step budget
-        good = self._work_model
-        step_model = None if good is None else (good.base_s, good.per_token_s,
-                                                good.per_vision_token_s)
         if self._apply_limits:
             result = await self._backend.batch_limits(
                 limits.max_active, limits.max_tokens, self.tuner.token_floor,
-                limits.max_encoder_tokens, step_model)
+                limits.max_encoder_tokens)
         else:
-            result = await self._backend.batch_limits(None, None, None, None, step_model)
+            result = await self._backend.batch_limits(None, None, None, None)
         self.engine_limits = {k: v for k, v in result.items() if k != "samples"}
         self.tuner.observe(StepSample(*s) for s in result.get("samples", ()))
         if self._apply_limits:

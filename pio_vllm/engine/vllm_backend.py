@@ -153,14 +153,13 @@ def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None
     # BatchLimitScheduler records the step samples the step model is fitted on: batch
     # tuning and SLO admission both need them.
     tuning = settings.tuning.enabled or settings.slo_admission_on()
-    budget = step_budget_config(settings, vllm_config)
     scheduler_config = vllm_config.scheduler_config
     if preemption and str(scheduler_config.policy) != "priority":
         raise ConfigError(
             f"admission.preemption needs engine.scheduling_policy: priority (it is "
             f"{str(scheduler_config.policy)!r}, under which vLLM ignores request priorities); "
             "set scheduling_policy: priority, or admission.preemption: false")
-    if not (preemption or tuning or budget):
+    if not (preemption or tuning):
         return None
     current = scheduler_config.scheduler_cls
     if current is not None and current not in _SCHEDULERS.values():
@@ -173,36 +172,8 @@ def install_pio_scheduler(vllm_config: Any, settings: PioSettings) -> str | None
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
     vllm_config.additional_config["pio"] = {
-        "preemption": preemption, "max_preemptions": settings.admission.max_preemptions,
-        "step_budget": budget}
-    if budget:
-        logger.info("step budget %.3fs per step while a class above the running work is "
-                    "configured; step prices %s", budget["budget_s"], budget["source"])
+        "preemption": preemption, "max_preemptions": settings.admission.max_preemptions}
     return path
-
-
-def step_budget_config(settings: PioSettings, vllm_config: Any) -> dict[str, Any] | None:
-    """What patches/step_budget.py needs in the EngineCore: the budget, the top class's
-    level, the default step profile of this model and device, the smallest prefill chunk;
-    None when the budget is off or nothing sets its size."""
-    from pio_vllm.cost.step_budget import PROFILES, profile_for
-
-    tuning = settings.tuning
-    budget_s = settings.step_budget_s()
-    if not tuning.step_budget or budget_s is None:
-        return None
-    if tuning.step_profile is not None:
-        profile = PROFILES[tuning.step_profile]
-    else:
-        import torch
-
-        profile = profile_for(settings.model, torch.cuda.is_available())
-    return {"budget_s": budget_s,
-            "top_level": min(c.level for c in settings.priority_classes.values()),
-            "profile": [profile.base_s, profile.per_token_s, profile.per_vision_token_s],
-            "source": profile.source,
-            "min_prefill_tokens": min(tuning.min_step_tokens,
-                                      int(vllm_config.scheduler_config.max_num_batched_tokens))}
 
 
 def read_geometry(model_path: str, engine: Mapping[str, Any]) -> VisionGeometry:
@@ -410,16 +381,13 @@ class VllmBackend:
         return None
 
     async def batch_limits(self, max_active: int | None, max_tokens: int | None,
-                           token_floor: int | None, max_encoder_tokens: int | None = None,
-                           step_model: tuple[float, float, float] | None = None
+                           token_floor: int | None, max_encoder_tokens: int | None = None
                            ) -> dict[str, Any]:
-        """Set BatchLimitScheduler's limits (and the step budget's step model) in the
-        EngineCore and collect its step samples (an engine-core utility call to the method
-        patches/engine_core_batch_limits.py adds; `call_utility_async` exists in vLLM 0.23
-        and 0.32)."""
+        """Set BatchLimitScheduler's limits in the EngineCore and collect its step samples
+        (an engine-core utility call to the method patches/engine_core_batch_limits.py
+        adds; `call_utility_async` exists in vLLM 0.23 and 0.32)."""
         result: dict[str, Any] = await self._llm.engine_core.call_utility_async(
-            "pio_batch_limits", max_active, max_tokens, token_floor, max_encoder_tokens,
-            step_model)
+            "pio_batch_limits", max_active, max_tokens, token_floor, max_encoder_tokens)
         return result
 
     async def abort(self, request_id: str) -> None:

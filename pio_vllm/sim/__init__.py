@@ -6,7 +6,7 @@ forward pass replaced by a step-time profile (one process, virtual time, no mode
 - `profile.py`: engine step time and frontend preparation time per unit of work, fitted
   from a real engine's step records (`pio-vllm bench calibrate`) or derived from anchors.
 - `engine.py`: a replica's engine: vLLM's real v1 `Scheduler` (pio's scheduler class, as the
-  EngineCore builds it from `scheduler_cls`: priority preemption, the step budget) stepped
+  EngineCore builds it from `scheduler_cls`: priority preemption, batch limits) stepped
   with fabricated `ModelRunnerOutput`s, each step taking the profile's time.
 - `frontend.py`: a replica's frontend: pio's `AdmissionController` (the production class)
   or plain vLLM's arrival-order frontend, with the one rendering thread in front of the

@@ -27,9 +27,7 @@ from pio_vllm.errors import ConfigError
 # What `--without` switches off, each through its own setting.
 MECHANISMS: dict[str, dict[str, dict[str, Any]]] = {
     "slo-admission": {"admission": {"slo_admission": False}},
-    "cheap-first": {"admission": {"cheap_first_factor": 0.0}},
     "preemption": {"admission": {"preemption": False}},
-    "step-budget": {"tuning": {"step_budget": False}},
     "serve-late": {},  # every class sheds what it predicts to miss (below)
 }
 

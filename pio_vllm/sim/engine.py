@@ -2,7 +2,7 @@
 its virtual-time asyncio loop).
 
 vLLM's own v1 `Scheduler` runs unchanged: for pio, the class pio's EngineCore builds from
-`scheduler_cls` (priority preemption, the step budget, batch limits: patches/), for plain
+`scheduler_cls` (priority preemption, batch limits: patches/), for plain
 vLLM its default `Scheduler`, both from the same `VllmConfig` that `AsyncEngineArgs`
 resolves for the settings' engine arguments (max_num_seqs, token and encoder budgets,
 chunked prefill, the priority policy, prefix caching), with the KV cache's block count that
@@ -93,11 +93,6 @@ class ModelledEngine:
         cls: type[Any] = Scheduler
         if pio:
             path = install_pio_scheduler(config, settings)
-            budget = (config.additional_config or {}).get("pio", {}).get("step_budget")
-            if budget:  # the step budget prices steps as this profile does
-                budget["profile"] = [profile.base_s, profile.per_token_s,
-                                     profile.per_vision_token_s]
-                budget["source"] = profile.source
             if path is not None:
                 module, _, name = path.rpartition(".")
                 cls = getattr(importlib.import_module(module), name)

@@ -159,6 +159,6 @@ def side_settings(settings: PioSettings, side: str) -> PioSettings:
     update: dict[str, Any] = {
         "admission": settings.admission.model_copy(update={
             "enabled": False, "preemption": False, "slo_admission": False}),
-        "tuning": settings.tuning.model_copy(update={"enabled": False, "step_budget": False}),
+        "tuning": settings.tuning.model_copy(update={"enabled": False}),
     }
     return settings.model_copy(update=update)

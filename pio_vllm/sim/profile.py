@@ -83,7 +83,7 @@ def load_profile(name_or_path: str) -> SimProfile:
 
 
 def profile_for(model: str, on_gpu: bool) -> str:
-    """The default profile name of a model on a device (as the step budget picks)."""
+    """The default profile name of a model on a device."""
     if "tiny" in model.lower() and not on_gpu:
         return "tiny-cpu"
     return "qwen3-vl-2b-h100" if on_gpu else "qwen3-vl-2b-cpu"

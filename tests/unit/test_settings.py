@@ -58,6 +58,15 @@ def test_unknown_field_is_rejected_by_name(tmp_path: Path) -> None:
         PioSettings.load(cfg)
 
 
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("tuning", "step_budget", True), ("tuning", "step_budget_s", 0.2),
+    ("tuning", "step_budget_fraction", 0.25), ("tuning", "step_profile", "tiny-cpu"),
+    ("admission", "cheap_first_factor", 2.0)])
+def test_a_removed_setting_is_refused_with_why(section: str, key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{key} was removed with .*ablation"):
+        PioSettings.load(None, **{section: {key: value}})
+
+
 def test_bad_values_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="decode_workers"):
         PioSettings.load(TINY_CONFIG, images={"decode_workers": 0})

@@ -1,19 +1,22 @@
-"""Scenario `step-budget`: priority at the step on the real 2B architecture (in-process).
+"""Scenario `priority-2b`: priority at the step on the real 2B architecture (in-process).
 
-    pio-vllm bench step-budget [--config configs/qwen3-vl-2b-instruct-cpu.yaml]
+    pio-vllm bench priority-2b [--config configs/qwen3-vl-2b-instruct-cpu.yaml]
                                [--preset qwen3-vl-2b] [--rounds N] [--seed S]
 
 The workload of the issue that found the problem: one interactive request alone (its TTFT
 is the unloaded reference), then four batch requests with images (224x224 to 640x480) at
 once and two interactive requests (224x224 image) 0.5 s and 0.9 s later, 16 output tokens
-each. Without a step budget, vLLM prefilled the four batch requests in one step of ~19 s
+each. With vLLM's own budgets, the four batch requests were prefilled in one step of ~19 s
 (max_num_batched_tokens 8192 takes them all) and the interactive requests waited for it and
-for the batch requests' next chunks. The sides are pio with the step budget off and on (the
-same engine arguments and admission; `tuning.step_budget`), each in a fresh process, in
-rounds whose order is drawn from --seed.
+for the batch requests' next chunks. The sides are plain vLLM and pio (the same engine
+arguments), each in a fresh process, in rounds whose order is drawn from --seed.
 
-Targets (the budget's side): interactive TTFT p50 <= 0.5x the batch requests' p50 and <= 3x
-the unloaded interactive TTFT, every request served.
+A step budget (each step's new work capped while a higher class might arrive) was measured
+on this workload against pio without it (record at commit 0f8efdb: no gain, interactive
+TTFT p50 6.76 s against 6.73 s) and removed (docs/step-budget.md).
+
+Targets (pio's side): interactive TTFT p50 <= 0.5x the batch requests' p50 and <= 3x the
+unloaded interactive TTFT, every request served.
 """
 
 from __future__ import annotations
@@ -65,25 +68,27 @@ def figures(sides: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name, side in sides.items():
         out |= {f"{name} {key}": value for key, value in side_figures(side).items()}
-    out["throughput budget-on/budget-off"] = ratio(sides["budget-on"]["output_tok_per_s"],
-                                                   sides["budget-off"]["output_tok_per_s"])
+    out["interactive p50 plain/pio"] = ratio(out["plain interactive_ttft_p50_s"],
+                                             out["pio interactive_ttft_p50_s"])
+    out["throughput pio/plain"] = ratio(sides["pio"]["output_tok_per_s"],
+                                        sides["plain"]["output_tok_per_s"])
     return out
 
 
 TARGETS = [
-    Target("interactive before batch", "budget-on interactive_over_batch", Kind.AT_MOST, 0.5,
-           "interactive TTFT p50 <= 0.5x batch p50, budget on (upper bound)"),
-    Target("interactive near unloaded", "budget-on interactive_over_unloaded", Kind.AT_MOST,
-           3.0, "interactive TTFT p50 <= 3x unloaded, budget on (upper bound)"),
-    Target("every request served", "budget-on not_served", Kind.AT_MOST, 0.0,
-           "requests not served, budget on: 0 in every round"),
+    Target("interactive before batch", "pio interactive_over_batch", Kind.AT_MOST, 0.5,
+           "interactive TTFT p50 <= 0.5x batch p50, pio (upper bound)"),
+    Target("interactive near unloaded", "pio interactive_over_unloaded", Kind.AT_MOST,
+           3.0, "interactive TTFT p50 <= 3x unloaded, pio (upper bound)"),
+    Target("every request served", "pio not_served", Kind.AT_MOST, 0.0,
+           "requests not served, pio: 0 in every round"),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.scenarios import add_round_args
 
-    ap = argparse.ArgumentParser(prog="pio-vllm bench step-budget",
+    ap = argparse.ArgumentParser(prog="pio-vllm bench priority-2b",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path,
                     default=Path("configs/qwen3-vl-2b-instruct-cpu.yaml"))
@@ -94,18 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
-    out = a.out or Path("benchmarks/results/step-budget-2b-cpu.json")
+    out = a.out or Path("benchmarks/results/priority-2b-cpu.json")
     work = workload(a.tokens)
     with tempfile.TemporaryDirectory() as tmp:
         engine = {"model": f"pio:{a.preset}"} if a.preset else {}
-        on = derive_config(a.config, Path(tmp) / "on.yaml", engine=engine)
-        off = derive_config(a.config, Path(tmp) / "off.yaml", engine=engine,
-                            tuning={"step_budget": False})
-        rounds = run_rounds({"budget-off": ("pio", str(off)), "budget-on": ("pio", str(on))},
+        config = derive_config(a.config, Path(tmp) / "config.yaml", engine=engine)
+        rounds = run_rounds({"plain": ("plain", str(config)), "pio": ("pio", str(config))},
                             work, mode="inproc", rounds=a.rounds, seed=a.seed)
-        report("step-budget", rounds, mode="inproc", config=str(a.config), out=out,
+        report("priority-2b", rounds, mode="inproc", config=str(a.config), out=out,
                seed=a.seed, figures=figures, targets=TARGETS,
-               extra={"command": command_line("step-budget", argv)},
+               extra={"command": command_line("priority-2b", argv)},
                workload={"requests": len(work), "model": f"pio:{a.preset}",
                          "description": workload.__doc__})
     return 0
