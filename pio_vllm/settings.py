@@ -234,11 +234,12 @@ class AdmissionSettings(BaseModel):
     )
     slo_admission: bool = Field(
         default=True,
-        description="Where a class has ttft_target_s / tpot_target_s: price each request in "
-        "engine seconds from the step-time model fitted on the scheduler's own step records "
-        "(vision tokens -> encoder time, prompt tokens -> prefill time), refuse at once what "
-        "would miss its TTFT target and let work into vLLM only as fast as running requests "
-        "keep their TPOT target.",
+        description="Price each request in engine seconds from the step-time model fitted on "
+        "the scheduler's own step records (vision tokens -> encoder time, prompt tokens -> "
+        "prefill time) and refuse at once (or serve late) what would miss its TTFT target, "
+        "its class's ttft_target_s or its own x-llm-d-slo-ttft-ms; where a class has "
+        "ttft_target_s / tpot_target_s, also let work into vLLM only as fast as running "
+        "requests keep their TPOT target.",
     )
     slo_safety: float = Field(
         default=0.8, gt=0, le=1,
@@ -562,11 +563,10 @@ class PioSettings(BaseSettings):
         return None
 
     def slo_admission_on(self) -> bool:
-        """SLO admission runs: admission is on, slo_admission is on and a class has a TTFT
-        or TPOT target."""
-        return self.admission.enabled and self.admission.slo_admission and any(
-            c.ttft_target_s is not None or c.tpot_target_s is not None
-            for c in self.priority_classes.values())
+        """SLO admission runs (admission and slo_admission are on): the step model is fitted
+        and a request with a TTFT target, its class's or its own SLO header's, is priced;
+        the work is paced only where a class has a target (SloPricing.paced)."""
+        return self.admission.enabled and self.admission.slo_admission
 
     def local_model_dir(self) -> Path:
         """Cache directory of the 'pio:PRESET' checkpoint for this seed."""

@@ -461,7 +461,7 @@ class AdmissionController:
             granted_now = not (ticket.late and self._ttft_work_pending(granted)) and (
                 not self._render_turn_taken(ticket)) and (
                 self._gate.may_grant(ticket, granted, capacity))
-            if granted_now and slo and granted and not unrationed and (
+            if granted_now and slo and self._slo.paced and granted and not unrationed and (
                     not self._slo.bucket.fits(charge + reserved_s, now)) and (
                     not outranks(ticket, granted)):
                 # Work enters as fast as running requests keep their TPOT target; a

@@ -107,7 +107,11 @@ class SloPricing:
         self._classes = classes
         targets = [c.tpot_target_s for c in classes.values() if c.tpot_target_s]
         self.tpot_target = min(targets) if targets else None
-        self.on = settings.slo_admission and any(
+        # Priced and refused: any request with a TTFT target, its class's or its own (an
+        # SLO header). Paced (the work bucket rations what enters vLLM): only where a class
+        # has a target, so a request's own header never slows the others.
+        self.on = settings.slo_admission
+        self.paced = self.on and any(
             c.ttft_target_s or c.tpot_target_s for c in classes.values())
         self.model: WorkModel | None = None
         self.running = 0  # requests vLLM runs, from its per-step stats
@@ -173,7 +177,8 @@ class SloPricing:
         # No bucket wait for a ticket the bucket does not hold back (see the controller's
         # pump): one that outranks work in vLLM (work served late drains the bucket, and
         # interactive requests were shed for it), or the first into an idle engine.
-        held = not outranks(ticket, granted) and (bool(granted) or ahead.charge_s > 0)
+        held = self.paced and not outranks(ticket, granted) and (
+            bool(granted) or ahead.charge_s > 0)
         entry_s = self.bucket.wait_s(self.charge_s(ticket), now,
                                      ahead_s=ahead.charge_s) if held else 0.0
         return predicted_ttft_s(
@@ -221,8 +226,8 @@ class SloPricing:
 
     def take(self, ticket: Ticket, now: float, take_work: bool) -> None:
         """At its grant: charge the bucket (unless unrationed late work)."""
-        ticket.rationed = take_work
-        if take_work:
+        ticket.rationed = take_work and self.paced
+        if ticket.rationed:
             ticket.charged_s = self.charge_s(ticket)
             self.bucket.take(ticket.charged_s, now)
 

@@ -405,3 +405,50 @@ async def test_waiting_gauge_counts_what_pio_holds_and_objectives_name_classes(
     await asyncio.wait_for(queued, 60)
     text = await wait_idle(server)
     assert metric(text, "vllm:num_requests_waiting") == 0
+
+
+async def _fit_step_model(server: Server, min_r2: float = 0.5) -> None:
+    """Build the state SLO admission prices in: engine steps of different sizes until API
+    server 0's tuning loop has a step model good enough to use (`pio_step_model_r2` >=
+    tuning.min_r2, 0.5 by default). Polled by rounds of requests, not by time: each round
+    adds prefill steps of 16 to 3000 tokens, one request at a time (a step each), to the
+    window the model is fitted on."""
+    c = client(server)
+    for _ in range(40):
+        if metric(scrape(server), "pio_step_model_r2") >= min_r2:
+            return
+        for n in (16, 1000, 3000):
+            await c.completions.create(model=MODEL, prompt="the " * n, max_tokens=2)
+        await asyncio.sleep(0.5)  # tuning.interval_s: one refit between rounds
+    raise AssertionError("no step model with R^2 >= 0.5 after 40 rounds of requests")
+
+
+async def test_request_whose_slo_no_engine_meets_is_429_slo_infeasible(
+        server: Server) -> None:
+    """SLO admission over HTTP: with a fitted step model, a request whose
+    x-llm-d-slo-ttft-ms (a tighter TTFT target than its class's none) is below any
+    predicted TTFT is refused at admission (429, drop reason `slo_infeasible`,
+    Retry-After, the prediction in the message); nothing reaches vLLM, and the same request
+    without the header is served."""
+    await _fit_step_model(server)
+    await wait_idle(server)
+    before = scrape(server)
+    c = client(server)  # key-plain: class standard, no TTFT target of its own
+    prompt = [{"role": "user", "content": "hello"}]
+    for _ in range(4):  # with two API servers, the requests go to either
+        with pytest.raises(openai.RateLimitError) as refused:
+            await c.chat.completions.create(
+                model=MODEL, messages=prompt, max_tokens=2,  # type: ignore[arg-type]
+                extra_headers={"x-llm-d-slo-ttft-ms": "0.001"})
+        headers = refused.value.response.headers
+        assert headers["x-llm-d-request-dropped-reason"] == "slo_infeasible"
+        assert float(headers["Retry-After"]) > 0
+        assert "predicted time to first token" in refused.value.message
+    after = scrape(server)
+    shed = ("pio_admission_events_total", {"priority_class": "standard", "event": "shed"})
+    assert metric(after, shed[0], **shed[1]) - metric(before, shed[0], **shed[1]) == 4
+    # refused before vLLM: its request counter did not move
+    assert metric(after, "vllm:request_success_total") == metric(
+        before, "vllm:request_success_total")
+    answer = await c.chat.completions.create(model=MODEL, messages=prompt, max_tokens=2)  # type: ignore[arg-type]
+    assert answer.choices[0].finish_reason == "length"

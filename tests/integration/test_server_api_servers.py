@@ -29,6 +29,7 @@ from tests.integration.test_server import (  # noqa: F401  (collected here, on t
     test_models_health_and_metrics,
     test_priority_from_body_header_and_key,
     test_queued_request_is_not_rendered_while_a_later_urgent_one_goes_first,
+    test_request_whose_slo_no_engine_meets_is_429_slo_infeasible,
     test_shed_is_429_with_retry_after,
     test_waiting_gauge_counts_what_pio_holds_and_objectives_name_classes,
     wait_idle,

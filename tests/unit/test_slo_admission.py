@@ -564,3 +564,27 @@ async def test_aged_lower_class_work_queued_ahead_does_not_refuse_an_urgent_requ
     await settle()
     assert "std" in eng.granted
 
+
+async def test_an_slo_header_is_priced_where_no_class_has_a_target_and_paces_nothing() -> None:
+    """Classes without SLO targets (a server that takes SLOs per request, from llm-d's
+    x-llm-d-slo-ttft-ms): once the step model is fitted, a request whose own TTFT target
+    cannot be met is refused at once; the others are not rationed by the work bucket (no
+    class has a TPOT to keep), so a second large image goes in at once behind the first."""
+    plain = {name: PriorityClass(level=c.level, max_queue_len=64, weight=c.weight)
+             for name, c in SLO.items()}
+    clock = FakeClock()
+    ctl = slo_controller(clock, classes=plain, work_burst_s=0.1)
+    eng = FakeEngine(ctl)
+    submit(ctl, eng, "image-1", "standard", vision=1344)  # ~0.6 s of work, bucket 0.1 s
+    submit(ctl, eng, "image-2", "standard", vision=1344)
+    await settle()
+    assert eng.granted == ["image-1", "image-2"]
+    tight = ctl.ticket("tight", LEVELS["standard"], "standard", None, prompt_tokens=20,
+                       ttft_target_s=0.001)
+    with pytest.raises(RequestRejectedError, match="predicted time to first token") as e:
+        await ctl.admit(tight)
+    assert e.value.reason == "slo_infeasible"
+    # the same request with a target it can meet is admitted
+    ok = ctl.ticket("ok", LEVELS["standard"], "standard", None, prompt_tokens=20,
+                    ttft_target_s=60.0)
+    await ctl.admit(ok)
