@@ -4,11 +4,12 @@
                                       [--out benchmarks/results/sim-fidelity-cpu.json]
 
 For each record (mixed-resolution at 0.8x, 1.5x and 3x, burst-overload, the priority-
-inversion flood; in-process), the same workload (generator and seed) and the same derived
-settings are simulated for plain vLLM and pio, and compared with the median over the
-record's rounds: goodput within 15% (or within 2% of the offered rate where the real
-goodput is near 0), TTFT p50 within 20%, p99 within 30%, and the pio/plain goodput ratio on
-the same side of 1. The result is a table; nothing is tuned to fit it.
+inversion flood; in-process; and the `pio-vllm bench replay` record of the cpu-mix trace,
+benchmarks/results/replay-cpu-mix-inproc-cpu.json), the same workload (generator and
+seed, or trace) and the same settings are simulated for plain vLLM and pio, and compared
+with the median over the record's rounds: goodput within 15% (or within 2% of the offered
+rate where the real goodput is near 0), TTFT p50 within 20%, p99 within 30%, and the
+pio/plain goodput ratio on the same side of 1. The result is a table; nothing is tuned to fit it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,30 @@ def compare(name: str, real: dict[str, Any], sim: dict[str, Any], offered_per_s:
     return rows
 
 
+def replay_rows(doc: dict[str, Any], model: str, profile: Any) -> list[dict[str, Any]]:
+    """A `pio-vllm bench replay` record (medians over its rounds) against the simulation of
+    the same trace and settings: goodput per second of the trace's span and TTFT p50/p99,
+    each class's own SLO."""
+    from pio_vllm.sim.report import class_slos
+    from pio_vllm.sim.trace import read_trace
+
+    settings = PioSettings.load(Path(doc["config"]))
+    rows = read_trace(Path(doc["trace"]["name"]), settings.priority_classes)
+    span = float(doc["trace"]["span_s"])
+    slos = class_slos(settings)
+    real, sim = {}, {}
+    for side in ("plain", "pio"):
+        r = doc["sides"][side]
+        real[side] = {"goodput": r["goodput_req_s"], "ttft_p50_s": r["ttft_p50_s"],
+                      "ttft_p99_s": r["ttft_p99_s"]}
+        result = simulate(settings, model, profile, rows, side=side, mode=doc["mode"], seed=0)
+        f = summarise(outcome_rows(result.outcomes), slos, span, result.wall_s)
+        sim[side] = {"goodput": f["goodput_req_s"], "ttft_p50_s": f["ttft_p50_s"],
+                     "ttft_p99_s": f["ttft_p99_s"]}
+    name = f"trace {Path(doc['trace']['name']).stem} (bench replay)"
+    return compare(name, real, sim, len(rows) / span)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sim_fidelity",
                                  description=__doc__.splitlines()[0])
@@ -142,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                              sim_sides(settings, model, profile,
                                        scenario_work("priority-inversion-flood", None), None),
                              1.0)
+        replay = RESULTS / "replay-cpu-mix-inproc-cpu.json"
+        if replay.is_file():
+            print("trace cpu-mix (bench replay) ...", file=sys.stderr, flush=True)
+            table += replay_rows(json.loads(replay.read_text()), model, profile)
     within = sum(r["within"] for r in table)
     doc_out = {"profile": {"name": profile.name, "source": profile.source},
                "tolerance": TOLERANCE, "rows": table,

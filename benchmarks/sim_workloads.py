@@ -84,8 +84,8 @@ def scenario_trace(name: str, capacity: float | None, model_path: str) -> list[T
     return to_trace(scenario_work(name, capacity), model_path)
 
 
-__all__ = ["IMAGE_PLACEHOLDER", "from_trace", "gpu_mix_trace", "scenario_trace",
-           "scenario_work", "to_trace"]
+__all__ = ["IMAGE_PLACEHOLDER", "cpu_mix_trace", "from_trace", "gpu_mix_trace",
+           "scenario_trace", "scenario_work", "to_trace"]
 
 
 def gpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[TraceRow]:
@@ -106,8 +106,36 @@ def gpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[Trac
             rows.append(TraceRow(round(t, 6), "batch", rng.randint(24, 64), 256, w, h))
 
 
+def cpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[TraceRow]:
+    """The three classes of configs/tiny-cpu.yaml at the tiny model's scale on a 2-core CPU
+    (replayed on the real engine with `pio-vllm bench replay`): Poisson arrivals at
+    `rate_per_s`; 30% interactive chat (a 224x224 image, 16-48 text tokens, 16 output
+    tokens), 30% standard (no image or a 448x336 one, 32-128 text tokens, 64 output tokens),
+    40% batch (a unique 640x480 or 1344x1008 image, 128 output tokens)."""
+    rng = random.Random(seed)
+    rows: list[TraceRow] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate_per_s)
+        if t > minutes * 60:
+            return rows
+        u = rng.random()
+        if u < 0.3:
+            rows.append(TraceRow(round(t, 6), "interactive", rng.randint(16, 48), 16, 224, 224))
+        elif u < 0.6:
+            w, h = rng.choice([(0, 0), (448, 336)])
+            rows.append(TraceRow(round(t, 6), "standard", rng.randint(32, 128), 64, w, h))
+        else:
+            w, h = rng.choice([(640, 480), (1344, 1008)])
+            rows.append(TraceRow(round(t, 6), "batch", rng.randint(16, 48), 128, w, h))
+
+
+TRACES = {"gpu-mix": gpu_mix_trace, "cpu-mix": cpu_mix_trace}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Write a trace: `python -m benchmarks.sim_workloads gpu-mix RATE MINUTES OUT.csv` or
+    """Write a trace: `python -m benchmarks.sim_workloads gpu-mix|cpu-mix RATE MINUTES
+    OUT.csv` or
     `python -m benchmarks.sim_workloads SCENARIO MODEL_DIR OUT.csv [--capacity C]`."""
     import argparse
     import sys
@@ -121,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    if a.workload == "gpu-mix":
+    if a.workload in TRACES:
         rate, minutes, out = float(a.args[0]), float(a.args[1]), a.args[2]
-        rows = gpu_mix_trace(rate, minutes, a.seed)
+        rows = TRACES[a.workload](rate, minutes, a.seed)
     else:
         model, out = a.args[0], a.args[1]
         rows = scenario_trace(a.workload, a.capacity, model)
