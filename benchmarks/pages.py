@@ -28,6 +28,7 @@ HEADLINE = (
     ("mixed-resolution-server-cpu", "3x goodput"),
     ("overhead-server-cpu", "throughput no harm"),
     ("priority-2b-cpu", "interactive before batch"),
+    ("priority-2b-cpu", "interactive near unloaded"),
 )
 
 
