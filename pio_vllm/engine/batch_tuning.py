@@ -119,9 +119,13 @@ class TuningLoop:
         return new
 
     async def _run(self) -> None:
-        while True:
+        while not self._backend.errored:
+            # Nothing is sent to a dead engine (as vLLM's own abort does not): a utility
+            # call to it is never answered, and a server whose engine died (keep-alive on
+            # engine death) did not stop on SIGTERM while one was outstanding.
             await self.step()
             await asyncio.sleep(self._settings.interval_s)
+        logger.warning("batch tuning stopped: the engine is dead")
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

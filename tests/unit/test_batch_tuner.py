@@ -170,10 +170,34 @@ class _StepsBackend:
 
     def __init__(self) -> None:
         self.pending: list[StepSample] = []
+        self.errored = False
+        self.calls = 0
 
     async def batch_limits(self, *_: object) -> dict[str, object]:
+        self.calls += 1
         samples, self.pending = self.pending, []
         return {"samples": [(s.tokens, s.vision_tokens, s.requests, s.step_s) for s in samples]}
+
+
+async def test_the_loop_sends_nothing_to_a_dead_engine() -> None:
+    """A utility call to a dead engine is never answered; a keep-alive server with one
+    outstanding did not stop on SIGTERM. The loop stops calling once the engine is dead."""
+    import asyncio
+
+    from pio_vllm.engine.batch_tuning import TuningLoop
+
+    backend = _StepsBackend()
+    loop = TuningLoop(TuningSettings(interval_s=0.01), backend, None, lambda: MIX,  # type: ignore[arg-type]
+                      0.9, 2, None, apply_limits=False)
+    loop.ensure_started()
+    while backend.calls < 2:
+        await asyncio.sleep(0.01)
+    backend.errored = True
+    seen = backend.calls
+    while loop._task is not None and not loop._task.done():  # it ends by itself
+        await asyncio.sleep(0.01)
+    assert backend.calls <= seen + 1  # at most the call already under way
+    await loop.aclose()
 
 
 async def test_a_poor_refit_keeps_the_last_good_work_model() -> None:
