@@ -26,7 +26,6 @@ ablation-cheap-first-*.md; docs/simulator.md, "Ablation").
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -70,24 +69,16 @@ def config_without(base: Path, out: Path, mechanism: str) -> Path:
 
 def workload(name: str, tmp: Path) -> tuple[Path, list[BenchRequest], Slo | None]:
     """The scenario's settings file, requests and SLO (None: the scenario has none)."""
-    from benchmarks.sim_workloads import scenario_work
+    from benchmarks.sim_workloads import recorded_burst, recorded_capacity, scenario_work
 
     if name.startswith("mixed-resolution:"):
         from benchmarks.mixed_resolution import SLO, scenario_config
 
-        record = RESULTS / "mixed-resolution-inproc-cpu.json"
-        capacity = float(json.loads(record.read_text())["capacity_req_per_s"])
-        return (scenario_config(BASE, tmp / "mixed.yaml"), scenario_work(name, capacity), SLO)
+        return (scenario_config(BASE, tmp / "mixed.yaml"),
+                scenario_work(name, recorded_capacity()), SLO)
     if name == "burst-overload":
-        from benchmarks.scenarios import burst_overload
-
-        s = burst_overload(BASE, tmp, None, False)
-        work = list(s["work"])
-        probe = json.loads((RESULTS / "burst-overload-inproc-cpu.json").read_text()).get(
-            "workload", {}).get("capacity_probe")
-        if probe:  # the record's size: the burst it sized from its probe of plain vLLM
-            work = s["size_by_capacity"](probe["burst"])
-        return Path(s["sides"]["pio"][1]), work, s["slo"]
+        s = recorded_burst(BASE, tmp)
+        return Path(s["sides"]["pio"][1]), s["work"], s["slo"]
     if name == "priority-inversion-flood":
         return derive_config(BASE, tmp / "flood.yaml"), scenario_work(name, None), None
     raise SystemExit(f"--workload {name!r}; accepted: mixed-resolution:LOAD, burst-overload, "

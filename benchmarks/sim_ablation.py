@@ -67,16 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     from benchmarks.mixed_resolution import SLO as MIXED_SLO
     from benchmarks.mixed_resolution import scenario_config
-    from benchmarks.scenarios import burst_overload
+    from benchmarks.sim_workloads import recorded_burst, recorded_capacity
     from pio_vllm.engine.vllm_backend import resolve_model
 
     profile = load_profile(a.profile)
     base = Path("configs/tiny-cpu.yaml")
     model = resolve_model(PioSettings.load(base))
-    capacity = a.capacity
-    if capacity is None:
-        record = RESULTS / "mixed-resolution-inproc-cpu.json"
-        capacity = float(json.loads(record.read_text())["capacity_req_per_s"])
+    capacity = a.capacity if a.capacity is not None else recorded_capacity()
     table: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         mixed = PioSettings.load(scenario_config(base, Path(tmp) / "mixed.yaml"))
@@ -84,15 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             table += run_variants(f"mixed-resolution {load:g}x", mixed, model, profile,
                                   scenario_work(f"mixed-resolution:{load}", capacity),
                                   MIXED_SLO)
-        s = burst_overload(base, Path(tmp), None, False)
-        burst_work = s["work"]
-        record = RESULTS / "burst-overload-inproc-cpu.json"
-        if record.is_file():
-            probe = json.loads(record.read_text()).get("workload", {}).get("capacity_probe")
-            if probe:
-                burst_work = s["size_by_capacity"](probe["burst"])
+        s = recorded_burst(base, Path(tmp))
         table += run_variants("burst-overload", PioSettings.load(s["sides"]["pio"][1]), model,
-                              profile, burst_work, s["slo"])
+                              profile, s["work"], s["slo"])
         flood = PioSettings.load(derive_config(base, Path(tmp) / "flood.yaml"))
         table += run_variants("priority-inversion flood", flood, model, profile,
                               scenario_work("priority-inversion-flood", None), None)

@@ -147,13 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                                  load * capacity)
         burst = RESULTS / "burst-overload-inproc-cpu.json"
         if burst.is_file():
-            from benchmarks.scenarios import burst_overload
+            from benchmarks.sim_workloads import recorded_burst
 
-            s = burst_overload(base, Path(tmp), None, False)
+            s = recorded_burst(base, Path(tmp))
             settings = PioSettings.load(s["sides"]["pio"][1])
             doc = json.loads(burst.read_text())
-            probe = doc["workload"].get("capacity_probe") or {}
-            work = s["size_by_capacity"](probe["burst"]) if probe else s["work"]
+            work = s["work"]
             print("burst-overload ...", file=sys.stderr, flush=True)
             table += compare("burst-overload", real_sides(doc["rounds"]),
                              sim_sides(settings, model, profile, work, s["slo"]),

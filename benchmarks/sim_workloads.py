@@ -10,8 +10,10 @@ the row's size.
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from pio_vllm.errors import ConfigError
 from pio_vllm.sim.trace import TraceRow
 
 TEXT_TOKEN = "the "  # one token of the tiny tokenizer, whatever its neighbours
+RESULTS = Path("benchmarks/results")
 
 
 def to_trace(work: list[BenchRequest], model_path: str) -> list[TraceRow]:
@@ -85,13 +88,14 @@ def scenario_trace(name: str, capacity: float | None, model_path: str) -> list[T
 
 
 __all__ = ["IMAGE_PLACEHOLDER", "cpu_mix_trace", "from_trace", "gpu_mix_trace",
-           "scenario_trace", "scenario_work", "to_trace"]
+           "poisson_trace", "recorded_burst", "recorded_capacity", "scenario_trace",
+           "scenario_work", "to_trace"]
 
 
-def gpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[TraceRow]:
-    """A GPU-scale mix for capacity planning: Poisson arrivals at `rate_per_s`; 30%
-    interactive chat (a 448x448 image, 24-64 text tokens, 64 output tokens), 70% batch work
-    (a unique image of 448x448 to 1344x1008, 256 output tokens)."""
+def poisson_trace(rate_per_s: float, minutes: float, seed: int,
+                  draw: Callable[[float, random.Random], TraceRow]) -> list[TraceRow]:
+    """Poisson arrivals at `rate_per_s` for `minutes`; `draw(arrival_s, rng)` makes each
+    row from the same seeded RNG (after the arrival's draw)."""
     rng = random.Random(seed)
     rows: list[TraceRow] = []
     t = 0.0
@@ -99,11 +103,20 @@ def gpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[Trac
         t += rng.expovariate(rate_per_s)
         if t > minutes * 60:
             return rows
+        rows.append(draw(round(t, 6), rng))
+
+
+def gpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[TraceRow]:
+    """A GPU-scale mix for capacity planning: Poisson arrivals at `rate_per_s`; 30%
+    interactive chat (a 448x448 image, 24-64 text tokens, 64 output tokens), 70% batch work
+    (a unique image of 448x448 to 1344x1008, 256 output tokens)."""
+    def draw(t: float, rng: random.Random) -> TraceRow:
         if rng.random() < 0.3:
-            rows.append(TraceRow(round(t, 6), "interactive", rng.randint(24, 64), 64, 448, 448))
-        else:
-            w, h = rng.choice([(448, 448), (896, 672), (1344, 1008)])
-            rows.append(TraceRow(round(t, 6), "batch", rng.randint(24, 64), 256, w, h))
+            return TraceRow(t, "interactive", rng.randint(24, 64), 64, 448, 448)
+        w, h = rng.choice([(448, 448), (896, 672), (1344, 1008)])
+        return TraceRow(t, "batch", rng.randint(24, 64), 256, w, h)
+
+    return poisson_trace(rate_per_s, minutes, seed, draw)
 
 
 def cpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[TraceRow]:
@@ -112,22 +125,38 @@ def cpu_mix_trace(rate_per_s: float, minutes: float, seed: int = 0) -> list[Trac
     `rate_per_s`; 30% interactive chat (a 224x224 image, 16-48 text tokens, 16 output
     tokens), 30% standard (no image or a 448x336 one, 32-128 text tokens, 64 output tokens),
     40% batch (a unique 640x480 or 1344x1008 image, 128 output tokens)."""
-    rng = random.Random(seed)
-    rows: list[TraceRow] = []
-    t = 0.0
-    while True:
-        t += rng.expovariate(rate_per_s)
-        if t > minutes * 60:
-            return rows
+    def draw(t: float, rng: random.Random) -> TraceRow:
         u = rng.random()
         if u < 0.3:
-            rows.append(TraceRow(round(t, 6), "interactive", rng.randint(16, 48), 16, 224, 224))
-        elif u < 0.6:
+            return TraceRow(t, "interactive", rng.randint(16, 48), 16, 224, 224)
+        if u < 0.6:
             w, h = rng.choice([(0, 0), (448, 336)])
-            rows.append(TraceRow(round(t, 6), "standard", rng.randint(32, 128), 64, w, h))
-        else:
-            w, h = rng.choice([(640, 480), (1344, 1008)])
-            rows.append(TraceRow(round(t, 6), "batch", rng.randint(16, 48), 128, w, h))
+            return TraceRow(t, "standard", rng.randint(32, 128), 64, w, h)
+        w, h = rng.choice([(640, 480), (1344, 1008)])
+        return TraceRow(t, "batch", rng.randint(16, 48), 128, w, h)
+
+    return poisson_trace(rate_per_s, minutes, seed, draw)
+
+
+def recorded_capacity() -> float:
+    """The in-process req/s of one replica that the committed mixed-resolution record
+    measured (its loads are multiples of it)."""
+    record = RESULTS / "mixed-resolution-inproc-cpu.json"
+    return float(json.loads(record.read_text())["capacity_req_per_s"])
+
+
+def recorded_burst(base: Path, tmp: Path) -> dict[str, Any]:
+    """burst-overload's scenario (`benchmarks.scenarios.burst_overload`) with its `work`
+    sized as the committed in-process record sized it from its probe of plain vLLM (the
+    scenario's default size where no record or probe is there)."""
+    from benchmarks.scenarios import burst_overload
+
+    s: dict[str, Any] = burst_overload(base, tmp, None, False)
+    record = RESULTS / "burst-overload-inproc-cpu.json"
+    probe = (json.loads(record.read_text()).get("workload", {}).get("capacity_probe")
+             if record.is_file() else None)
+    s["work"] = s["size_by_capacity"](probe["burst"]) if probe else list(s["work"])
+    return s
 
 
 TRACES = {"gpu-mix": gpu_mix_trace, "cpu-mix": cpu_mix_trace}
